@@ -1,0 +1,1 @@
+"""Broker set-up, actors (the granular tasks), executors and the command line."""

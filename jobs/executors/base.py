@@ -1,0 +1,198 @@
+"""Executors: logical operations on a resource, composed of granular steps.
+
+Waldur's vocabulary: ``pre_apply`` runs in the caller's transaction, ``get_task_signature`` returns the
+work, ``get_success_signature`` runs once after it, ``get_failure_signature`` once if any step fails for
+good. ``execute`` records the operation and sends its first messages after the caller's commit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import dramatiq
+from sqlalchemy import select
+from sqlalchemy.orm import Session, object_session
+
+from middleware import PlanBuilder, enqueue_all, first_steps
+from middleware.plan import Node
+from resources.after_commit import on_commit
+from resources.db import get_sessionmaker, session_scope
+from resources.errors import JobsError
+from resources.models import Operation, OperationStatus, Resource, new_uuid, utcnow
+
+from .. import queues
+from .inline import run_inline
+
+__all__ = ["BaseExecutor", "ExecutorStage", "OperationHandle", "OperationTimeout"]
+
+Signature = Any  # a dramatiq Message, pipeline, group, list of those, ExecutorStage, or None
+
+
+class OperationTimeout(JobsError):
+    """An operation did not end within the time a caller was willing to wait."""
+
+
+@dataclass(frozen=True)
+class OperationHandle:
+    """What ``execute`` returns: the id stored on the resource, and a way to follow the operation."""
+
+    id: str
+    resource_ref: str
+    executor: str
+
+    def status(self) -> str:
+        with session_scope() as session:
+            return session.scalars(select(Operation.status).where(Operation.id == self.id)).one()
+
+    def wait(self, timeout: float = 60.0, interval: float = 0.05) -> Operation:
+        """Block until the operation has ended; return its row. For scripts and tests."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with session_scope() as session:
+                operation = session.get(Operation, self.id)
+                if operation is not None and operation.status != OperationStatus.RUNNING:
+                    return operation
+            if time.monotonic() > deadline:
+                raise OperationTimeout(
+                    f"operation {self.id} ({self.executor} on {self.resource_ref}) still running after "
+                    f"{timeout} s; raise the timeout or check the workers"
+                )
+            time.sleep(interval)
+
+
+class OperationBuilder(PlanBuilder):
+    """The plan builder, plus the caller's session for the pre_apply of nested executors."""
+
+    def __init__(self, operation_id: str, session: Session, *, queue_name: str | None = None) -> None:
+        super().__init__(operation_id, queue_name=queue_name)
+        self.session = session
+
+
+@dataclass(frozen=True)
+class ExecutorStage:
+    """An executor used as a stage of another executor's work (e.g. delete each volume of an instance)."""
+
+    executor: type[BaseExecutor]
+    instance: Resource
+    kwargs: dict[str, Any]
+
+    def build_node(self, builder: PlanBuilder) -> Node | None:
+        if not isinstance(builder, OperationBuilder):
+            raise TypeError("an executor stage can only be built inside an executor's execute()")
+        return self.executor._build(builder, self.instance, self.kwargs)
+
+
+class BaseExecutor:
+    """Subclass and override the ``get_*_signature`` methods (and ``pre_apply``)."""
+
+    #: Human-readable name used in operation records and logs; defaults to the class name.
+    name: ClassVar[str | None] = None
+
+    # -- what subclasses override ------------------------------------------------------------------
+    @classmethod
+    def pre_apply(cls, instance: Resource, *, session: Session, operation_id: str, **kwargs: Any) -> None:
+        """Runs in the caller's transaction before anything is queued; raising queues nothing."""
+
+    @classmethod
+    def get_task_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
+        raise NotImplementedError(f"{cls.__name__} must define get_task_signature")
+
+    @classmethod
+    def get_success_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
+        return None
+
+    @classmethod
+    def get_failure_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
+        return None
+
+    # -- composition -----------------------------------------------------------------------------
+    @classmethod
+    def executor_name(cls) -> str:
+        return cls.name or cls.__name__
+
+    @classmethod
+    def stage(cls, instance: Resource, **kwargs: Any) -> ExecutorStage:
+        """This executor's whole work (with its pre_apply and callbacks) as a stage of another's."""
+        return ExecutorStage(cls, instance, kwargs)
+
+    @classmethod
+    def _build(cls, builder: OperationBuilder, instance: Resource, kwargs: dict[str, Any]) -> Node | None:
+        party = builder.add_party(instance.ref, cls.executor_name())
+        cls.pre_apply(instance, session=builder.session, operation_id=builder.operation_id, **kwargs)
+        serialized = instance.ref
+        work = [
+            cls.get_task_signature(instance, serialized, **kwargs),
+            cls.get_success_signature(instance, serialized, **kwargs),
+        ]
+        builder.set_failure(party, cls.get_failure_signature(instance, serialized, **kwargs))
+        node = builder.node_for_party(party, work)
+        if node is not None:
+            node.setdefault("parties", []).append(party)
+        return node
+
+    # -- running ---------------------------------------------------------------------------------
+    @classmethod
+    def execute(
+        cls,
+        instance: Resource,
+        is_async: bool = True,
+        countdown: float | None = None,
+        is_heavy_task: bool = False,
+        **kwargs: Any,
+    ) -> OperationHandle:
+        """Start the operation on ``instance``.
+
+        Inside a session (the instance is attached to one), ``pre_apply`` and the operation record join
+        the caller's transaction and messages are sent only after it commits; nothing is sent on
+        rollback. A detached instance gets a transaction of its own, committed (and sent) at once.
+        ``countdown`` (seconds) delays the first messages; ``is_heavy_task`` sends every message of the
+        operation to the heavy queue. ``is_async=False`` runs the steps here and now, committing the
+        caller's session first so the steps see its changes, and re-raises a step's error.
+        """
+        session = object_session(instance)
+        own_session = session is None
+        if own_session:
+            session = get_sessionmaker()()
+            instance = _reload(session, instance)
+        assert session is not None
+        try:
+            operation_id = new_uuid()
+            builder = OperationBuilder(operation_id, session, queue_name=queues.HEAVY if is_heavy_task else None)
+            plan = builder.finish(cls._build(builder, instance, kwargs))
+            finished = plan["root"] is None
+            session.add(
+                Operation(
+                    id=operation_id,
+                    executor=cls.executor_name(),
+                    resource_ref=instance.ref,
+                    plan=plan,
+                    status=OperationStatus.SUCCEEDED if finished else OperationStatus.RUNNING,
+                    finished_at=utcnow() if finished else None,
+                )
+            )
+            countdown_ms = int(countdown * 1000) if countdown else None
+            outgoing = first_steps(plan, countdown_ms if is_async else None)
+            if is_async:
+                on_commit(session, lambda: enqueue_all(dramatiq.get_broker(), outgoing))
+                if own_session:
+                    session.commit()
+            else:
+                session.commit()
+                run_inline(dramatiq.get_broker(), operation_id, outgoing)
+        finally:
+            if own_session:
+                session.close()
+        return OperationHandle(operation_id, instance.ref, cls.executor_name())
+
+
+def _reload(session: Session, instance: Resource) -> Resource:
+    model = type(instance)
+    loaded = session.scalars(select(model).where(model.uuid == instance.uuid)).one_or_none()
+    if loaded is None:
+        raise JobsError(
+            f"{model.__name__} {instance.uuid} is not in the database; add it to a session and commit "
+            "(or flush and pass the attached object) before executing an operation on it"
+        )
+    return loaded

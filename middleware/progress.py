@@ -1,0 +1,116 @@
+"""An operation's progress in the database: which steps may run, what follows a completed step, and
+what happens once when a step fails for good.
+
+Every function here takes the operation's row lock first (``SELECT … FOR UPDATE``; SQLite serializes
+writers), so concurrent steps of one operation — a group's members finishing together — see each
+other's completions, and the last one to finish is the only one that moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dramatiq import Message
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from resources.models import Operation, OperationStatus, StepDone, utcnow
+from resources.transitions import record_error
+
+from .plan import advance, message_of, start_paths
+
+__all__ = ["Outgoing", "complete_step", "fail_operation", "first_steps", "skip_reason"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to enqueue, and its delay in milliseconds (None: at once)."""
+
+    message: Message
+    delay: int | None = None
+
+
+def _outgoing(plan: dict, paths: list[str], extra_delay: int | None = None) -> list[Outgoing]:
+    result = []
+    for path in paths:
+        message = message_of(plan["root"], path)
+        delay = message.options.get("delay")
+        if extra_delay:
+            delay = (delay or 0) + extra_delay
+        result.append(Outgoing(message, delay))
+    return result
+
+
+def first_steps(plan: dict, countdown_ms: int | None = None) -> list[Outgoing]:
+    """The messages that start an operation (the countdown delays only these, as in Waldur)."""
+    if plan["root"] is None:
+        return []
+    return _outgoing(plan, start_paths(plan["root"], ""), countdown_ms)
+
+
+def _locked(session: Session, operation_id: str) -> Operation | None:
+    return session.scalars(select(Operation).where(Operation.id == operation_id).with_for_update()).one_or_none()
+
+
+def _done_paths(session: Session, operation_id: str) -> set[str]:
+    return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
+
+
+def skip_reason(session: Session, operation_id: str, path: str | None) -> str | None:
+    """Why a step of this operation must not run now, or None if it may."""
+    status = session.scalar(select(Operation.status).where(Operation.id == operation_id))
+    if status is None:
+        return f"operation {operation_id} does not exist"
+    if status != OperationStatus.RUNNING:
+        return f"operation {operation_id} already {status}"
+    if path is not None and session.get(StepDone, (operation_id, path)) is not None:
+        return f"step {path} of operation {operation_id} already completed (duplicate delivery)"
+    return None
+
+
+def complete_step(session: Session, operation_id: str, path: str) -> list[Outgoing]:
+    """Record step ``path`` as done and return what to enqueue next; [] for a duplicate completion."""
+    operation = _locked(session, operation_id)
+    if operation is None or operation.status != OperationStatus.RUNNING:
+        return []
+    done = _done_paths(session, operation_id)
+    if path in done:
+        logger.info("step %s of operation %s completed twice; the second completion is ignored", path,
+                    operation_id)
+        return []
+    step = advance(operation.plan["root"], done, path)
+    session.add_all(StepDone(operation_id=operation_id, path=p) for p in step.completed)
+    if step.finished:
+        operation.status = OperationStatus.SUCCEEDED
+        operation.finished_at = utcnow()
+        logger.info("operation %s (%s) succeeded", operation_id, operation.executor)
+    return _outgoing(operation.plan, step.start)
+
+
+def fail_operation(
+    session: Session, operation_id: str, step_name: str, error_message: str, error_traceback: str
+) -> list[Outgoing]:
+    """Fail the operation once: store the error on it and on every resource whose part did not finish,
+    and return the failure callbacks to enqueue. A second call (another member of a group failing, a
+    duplicate delivery) finds the operation no longer running and returns []."""
+    operation = _locked(session, operation_id)
+    if operation is None or operation.status != OperationStatus.RUNNING:
+        return []
+    operation.status = OperationStatus.FAILED
+    operation.finished_at = utcnow()
+    operation.failed_step = step_name[:200]
+    operation.error_message = error_message
+    operation.error_traceback = error_traceback
+    done = _done_paths(session, operation_id)
+    callbacks: list[Outgoing] = []
+    for party in operation.plan["parties"]:
+        if party["path"] is not None and party["path"] in done:
+            continue  # this resource's part finished before the failure
+        record_error(session, party["ref"], operation_id, error_message, error_traceback)
+        callbacks.extend(Outgoing(Message(**m)) for m in party["on_failure"])
+    logger.warning("operation %s (%s) failed at %s: %s", operation_id, operation.executor, step_name,
+                   error_message)
+    return callbacks

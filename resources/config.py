@@ -1,0 +1,93 @@
+"""Configuration, read from the environment in this one place (twelve-factor).
+
+A PaaS sets ``REDIS_URL`` and ``DATABASE_URL``; everything else has a sane default and an
+environment override. Call :func:`get_settings` at use time, not at import time, so that a CLI
+which starts an embedded Redis can set ``REDIS_URL`` before anything reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+__all__ = ["Settings", "get_settings", "normalise_database_url"]
+
+#: Where the default SQLite database lives when DATABASE_URL is unset.
+DEFAULT_DATA_DIR = ".jobs-data"
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Broker URL; None means "not configured" (the CLI and tests then start an embedded Redis).
+    redis_url: str | None
+    database_url: str
+    data_dir: Path
+    #: Prefix of every Redis key this project writes (broker queues included).
+    namespace: str
+    #: Fixed delay between two attempts of a poll step, seconds (Waldur: 5 s).
+    poll_interval_s: float
+    #: Attempts of a runtime-state poll (Waldur: 1200) and of a backend-check poll (Waldur: 600).
+    poll_state_attempts: int
+    poll_check_attempts: int
+    #: Wall-clock limit of one step attempt, seconds (Dramatiq's default is 10 minutes).
+    step_time_limit_s: float
+    #: Limit of one poll attempt, seconds: one poll only asks the backend once.
+    poll_time_limit_s: float
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL processes connect to: REDIS_URL, else Redis's conventional local address."""
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number; set it to a positive number") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name}={raw!r} must be positive; set it to a positive number")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not an integer; set it to a positive integer") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name}={raw!r} must be positive; set it to a positive integer")
+    return value
+
+
+def normalise_database_url(url: str) -> str:
+    """PaaS providers hand out ``postgres://`` URLs; SQLAlchemy wants a dialect+driver name."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def get_settings() -> Settings:
+    data_dir = Path(os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+    database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
+    return Settings(
+        redis_url=os.environ.get("REDIS_URL") or None,
+        database_url=normalise_database_url(database_url),
+        data_dir=data_dir,
+        namespace=os.environ.get("JOBS_NAMESPACE") or "jobs",
+        poll_interval_s=_env_float("JOBS_POLL_INTERVAL_S", 5.0),
+        poll_state_attempts=_env_int("JOBS_POLL_STATE_ATTEMPTS", 1200),
+        poll_check_attempts=_env_int("JOBS_POLL_CHECK_ATTEMPTS", 600),
+        step_time_limit_s=_env_float("JOBS_STEP_TIME_LIMIT_S", 600.0),
+        poll_time_limit_s=_env_float("JOBS_POLL_TIME_LIMIT_S", 60.0),
+    )

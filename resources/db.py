@@ -1,0 +1,79 @@
+"""Engine and sessions, one engine per process and database URL."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from .config import get_settings
+from .models import Base
+
+__all__ = ["create_schema", "drop_schema", "get_engine", "get_sessionmaker", "session_scope"]
+
+#: How long a SQLite writer waits for another writer's lock, seconds.
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
+def _prepare_sqlite(engine: Engine, url: str) -> None:
+    database = engine.url.database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, decide when transactions begin (see the "begin" hook).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # SQLite has no SELECT ... FOR UPDATE. Taking the write lock at BEGIN makes every transaction
+        # serializable, so a read-then-write (a compare-and-set, a fan-in count) can never be stale.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@functools.cache
+def _engine_for(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
+        _prepare_sqlite(engine, url)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def get_engine(url: str | None = None) -> Engine:
+    return _engine_for(url or get_settings().database_url)
+
+
+@functools.cache
+def _sessionmaker_for(url: str) -> sessionmaker[Session]:
+    return sessionmaker(bind=_engine_for(url), expire_on_commit=False)
+
+
+def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
+    return _sessionmaker_for(url or get_settings().database_url)
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A session whose transaction commits when the block ends and rolls back on an exception."""
+    with get_sessionmaker(url).begin() as session:
+        yield session
+
+
+def create_schema(url: str | None = None) -> None:
+    Base.metadata.create_all(get_engine(url))
+
+
+def drop_schema(url: str | None = None) -> None:
+    Base.metadata.drop_all(get_engine(url))

@@ -1,0 +1,144 @@
+"""Helpers and fixtures for tests: database reset, the stub broker and worker, the simulated cloud."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq import Worker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Middleware
+from sqlalchemy import delete
+
+from jobs import queues
+from jobs.broker import broker as project_broker
+from resources.backends import SimulatedCloud, SimulatedConfig
+from resources.db import create_schema, get_engine, session_scope
+from resources.models import Base, Instance, ServiceSettings, Volume
+
+
+class Recorder(Middleware):
+    """Counts what the workers processed, per actor and resource, and on which queue."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.processed: list[tuple[str, str, str | None, bool]] = []
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
+        with self.lock:
+            self.processed.append(
+                (message.actor_name, message.queue_name, message.options.get("resource"), exception is None)
+            )
+
+    def reset(self) -> None:
+        with self.lock:
+            self.processed.clear()
+
+    def count(self, actor_name: str, resource: str | None = None) -> int:
+        return sum(1 for a, _q, r, _ok in self.processed if a == actor_name and (resource is None or r == resource))
+
+    def queues_used(self) -> Counter[str]:
+        return Counter(q for _a, q, _r, _ok in self.processed)
+
+
+RECORDER = Recorder()
+project_broker.add_middleware(RECORDER)
+if isinstance(project_broker, StubBroker):
+    project_broker.emit_after("process_boot")
+
+
+def reset_database(url: str | None = None) -> None:
+    create_schema(url)
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(delete(table))
+
+
+@pytest.fixture
+def database() -> Iterator[None]:
+    reset_database()
+    yield
+
+
+@pytest.fixture
+def cloud() -> SimulatedCloud:
+    sim = SimulatedCloud()
+    sim.reset()
+    sim.configure(SimulatedConfig(build_ms=40, delete_ms=20))
+    return sim
+
+
+@pytest.fixture
+def stub_broker(database: None) -> Iterator[StubBroker]:
+    assert isinstance(project_broker, StubBroker)
+    project_broker.flush_all()
+    RECORDER.reset()
+    previous = dramatiq.get_broker()
+    dramatiq.set_broker(project_broker)
+    yield project_broker
+    dramatiq.set_broker(previous)
+
+
+@pytest.fixture(scope="session")
+def _session_stub_worker() -> Iterator[Worker]:
+    # One worker for the whole run: each Worker adds a middleware to the broker that is never removed.
+    worker = Worker(project_broker, worker_timeout=20, worker_threads=4)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def stub_worker(stub_broker: StubBroker, _session_stub_worker: Worker) -> Worker:
+    return _session_stub_worker
+
+
+def drain(broker: StubBroker, timeout_s: float = 30.0) -> None:
+    """Wait until every queue (and delay queue) is empty and idle; messages hop between queues."""
+    deadline = time.monotonic() + timeout_s
+    names = [*queues.ALL, *(f"{q}.DQ" for q in queues.ALL)]
+    while True:
+        for name in queues.ALL:
+            broker.join(name, fail_fast=False, timeout=max(1, int((deadline - time.monotonic()) * 1000)))
+        if all(broker.queues[n].unfinished_tasks == 0 for n in names):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("queues did not drain")
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, interval_s: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with suppress(Exception):
+            value = condition()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s: {condition}")
+        time.sleep(interval_s)
+
+
+def make_tenant(name: str = "tenant-1", url: str | None = None) -> ServiceSettings:
+    with session_scope(url) as session:
+        tenant = ServiceSettings(name=name, backend="simulated", options={})
+        session.add(tenant)
+    return tenant
+
+
+def make_instance(tenant: ServiceSettings, name: str = "vm", volumes: int = 2, url: str | None = None) -> Instance:
+    with session_scope(url) as session:
+        instance = Instance(name=name, service_settings_id=tenant.id, flavor="small")
+        session.add(instance)
+        session.flush()
+        for index in range(volumes):
+            session.add(Volume(name=f"{name}-vol{index}", size_gb=10, instance_id=instance.id,
+                               service_settings_id=tenant.id))
+    return instance

@@ -1,0 +1,74 @@
+"""A group's next stage runs exactly once, even when a member is delivered twice."""
+
+from __future__ import annotations
+
+import threading
+
+from dramatiq.middleware import Middleware
+from sqlalchemy import select
+
+from jobs.executors import InstanceCreateExecutor
+from middleware.plan import OPTION_NODE
+from middleware.progress import complete_step, first_steps
+from resources.db import session_scope
+from resources.models import Instance, Operation
+from resources.states import State
+from tests.fixtures import RECORDER, drain, make_instance, make_tenant
+
+
+class RedeliverVolumeCallbacks(Middleware):
+    """Enqueues every volume's last step a second time, as the broker does after a lost ack."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def after_enqueue(self, broker, message, delay):
+        resource = message.options.get("resource", "")
+        if message.actor_name != "state_transition" or not resource.startswith("volume:"):
+            return
+        with self.lock:
+            if message.message_id in self.seen:
+                return
+            self.seen.add(message.message_id)
+        broker.enqueue(message.copy())
+
+
+def test_group_fan_in_fires_once_with_redelivered_members(stub_broker, stub_worker, cloud):
+    # Given an instance with three volumes, and a broker that delivers each volume's last step twice
+    instance = make_instance(make_tenant(), volumes=3)
+    redeliver = RedeliverVolumeCallbacks()
+    stub_broker.add_middleware(redeliver)
+    try:
+        # When it is created
+        InstanceCreateExecutor.execute(instance)
+        drain(stub_broker)
+    finally:
+        stub_broker.middleware.remove(redeliver)
+
+    # Then the duplicates were delivered, yet the stage after the group ran exactly once
+    assert len(redeliver.seen) == 3
+    assert RECORDER.count("state_transition") >= 3 + 1 + 1
+    assert RECORDER.count("backend_method", instance.ref) == 1
+    assert cloud.creates_made("instance") == 1
+    with session_scope() as session:
+        assert session.scalars(select(Instance.state).where(Instance.uuid == instance.uuid)).one() == State.OK
+
+
+def test_completing_the_same_step_twice_moves_on_once(stub_broker):
+    # Given an operation whose first step is being completed
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = InstanceCreateExecutor.execute(instance)
+    with session_scope() as session:
+        plan = session.get(Operation, handle.id).plan
+    path = first_steps(plan)[0].message.options[OPTION_NODE]
+
+    # When the completion is recorded twice (two deliveries that both ran)
+    with session_scope() as session:
+        first = complete_step(session, handle.id, path)
+    with session_scope() as session:
+        second = complete_step(session, handle.id, path)
+
+    # Then only the first moves the operation on
+    assert len(first) == 1
+    assert second == []
