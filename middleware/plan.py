@@ -123,8 +123,8 @@ class PlanBuilder:
         options[OPTION_RESOURCE] = self.parties[party].ref
         if callback:
             options[OPTION_CALLBACK] = callback
-        queue_name = self.queue_name or message.queue_name
-        return message.copy(queue_name=queue_name, options=options).asdict()
+        # Not message.copy(): it merges options, and Dramatiq's pipe_target must go.
+        return {**message.asdict(), "queue_name": self.queue_name or message.queue_name, "options": options}
 
     def finish(self, root: Node | None) -> dict[str, Any]:
         """The plan as stored: node paths stamped on every step message."""
