@@ -77,6 +77,7 @@ def cloud() -> SimulatedCloud:
 
 @pytest.fixture
 def stub_broker(database: None) -> Iterator[StubBroker]:
+    """The project's StubBroker, empty; no worker consumes unless the test also asks for stub_worker."""
     assert isinstance(project_broker, StubBroker)
     project_broker.flush_all()
     RECORDER.reset()
@@ -84,20 +85,18 @@ def stub_broker(database: None) -> Iterator[StubBroker]:
     dramatiq.set_broker(project_broker)
     yield project_broker
     dramatiq.set_broker(previous)
-
-
-@pytest.fixture(scope="session")
-def _session_stub_worker() -> Iterator[Worker]:
-    # One worker for the whole run: each Worker adds a middleware to the broker that is never removed.
-    worker = Worker(project_broker, worker_timeout=20, worker_threads=4)
-    worker.start()
-    yield worker
-    worker.stop()
+    project_broker.flush_all()
 
 
 @pytest.fixture
-def stub_worker(stub_broker: StubBroker, _session_stub_worker: Worker) -> Worker:
-    return _session_stub_worker
+def stub_worker(stub_broker: StubBroker) -> Iterator[Worker]:
+    before = list(stub_broker.middleware)
+    worker = Worker(stub_broker, worker_timeout=20, worker_threads=4)
+    worker.start()
+    yield worker
+    worker.stop()
+    # A Worker adds a middleware of its own to the broker and never takes it away.
+    stub_broker.middleware[:] = before
 
 
 def drain(broker: StubBroker, timeout_s: float = 30.0) -> None:

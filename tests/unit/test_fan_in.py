@@ -56,7 +56,7 @@ def test_group_fan_in_fires_once_with_redelivered_members(stub_broker, stub_work
 
 
 def test_completing_the_same_step_twice_moves_on_once(stub_broker):
-    # Given an operation whose first step is being completed
+    # Given an operation whose first step is being completed (no worker consumes in this test)
     instance = make_instance(make_tenant(), volumes=0)
     handle = InstanceCreateExecutor.execute(instance)
     with session_scope() as session:

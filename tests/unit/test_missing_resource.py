@@ -10,17 +10,15 @@ from resources.models import Instance, Operation
 from tests.fixtures import RECORDER, drain, make_instance, make_tenant
 
 
-def test_deleted_resource_fails_the_operation_once(stub_broker, stub_worker, cloud):
+def test_deleted_resource_fails_the_operation_once(stub_broker, cloud, request):
     # Given a create that is queued, and its instance row deleted before any worker picks it up
-    stub_worker.pause()
-    try:
-        instance = make_instance(make_tenant(), volumes=0)
-        handle = InstanceCreateExecutor.execute(instance)
-        with session_scope() as session:
-            session.execute(delete(Instance).where(Instance.id == instance.id))
-    finally:
-        # When the worker runs it
-        stub_worker.resume()
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = InstanceCreateExecutor.execute(instance)
+    with session_scope() as session:
+        session.execute(delete(Instance).where(Instance.id == instance.id))
+
+    # When a worker runs it
+    request.getfixturevalue("stub_worker")
     drain(stub_broker)
 
     # Then the operation failed once with a message naming the resource, and nothing was retried

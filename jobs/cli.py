@@ -1,0 +1,75 @@
+"""The ``jobs`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["main"]
+
+
+@click.group()
+def main() -> None:
+    """Reliable cloud operations on Dramatiq: executors, workers and their state."""
+
+
+@main.command()
+@click.option("--instances", default=12, show_default=True, type=click.IntRange(1, 500),
+              help="Instances to provision (each with one or two volumes).")
+@click.option("--tenants", default=3, show_default=True, type=click.IntRange(1, 100),
+              help="Tenants (service settings) to spread them over.")
+@click.option("--failure-rate", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Chance that each simulated cloud call kind fails for a given resource.")
+@click.option("--seed", default=7, show_default=True, type=int, help="Seed of the failure injection.")
+@click.option("--json", "json_output", is_flag=True, help="Print a machine-readable summary only.")
+def demo(instances: int, tenants: int, failure_rate: float, seed: int, json_output: bool) -> None:
+    """Provision, resize and delete instances with volumes through real workers on a simulated cloud.
+
+    Without REDIS_URL it starts a private Redis and stops it at the end; without DATABASE_URL it keeps
+    its state in a SQLite file under .jobs-data/. Exits 0 iff every operation ended as expected.
+    """
+    from .demo import DemoOptions, run_demo
+
+    console = Console(stderr=json_output)
+    summary = run_demo(DemoOptions(instances, tenants, failure_rate, seed, json_output), console)
+    if json_output:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(console, summary)
+    sys.exit(0 if summary["unexpected"] == 0 else 1)
+
+
+def _print_summary(console: Console, summary: dict) -> None:
+    operations = Table(title="Operations", title_justify="left")
+    for column in ("executor", "succeeded", "failed", "running"):
+        operations.add_column(column, justify="left" if column == "executor" else "right")
+    for executor, counts in summary["operations"].items():
+        operations.add_row(executor, *(str(counts.get(c, 0)) for c in ("succeeded", "failed", "running")))
+    console.print(operations)
+    if summary["failures"]:
+        failures = Table(title="Failed operations (injected by the simulated cloud)", title_justify="left")
+        for column in ("executor", "resource", "error"):
+            failures.add_column(column)
+        for failure in summary["failures"]:
+            failures.add_row(failure["executor"], failure["resource"], failure["error"])
+        console.print(failures)
+    resources = ", ".join(f"{state}: {count}" for state, count in sorted(summary["resources"].items()))
+    console.print(f"Resources at the end: {resources}")
+    style = "green" if summary["unexpected"] == 0 else "bold red"
+    console.print(f"[{style}]Unexpected outcomes: {summary['unexpected']}[/] — {summary['duration_s']} s")
+    for item in summary["unexpected_operations"]:
+        console.print(f"  {item}")
+
+
+@main.command()
+def migrate() -> None:
+    """Create the database schema (the Procfile's release step)."""
+    from resources.config import get_settings
+    from resources.db import create_schema
+
+    create_schema()
+    click.echo(f"schema ready on {get_settings().database_url.split('@')[-1]}")

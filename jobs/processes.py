@@ -1,0 +1,77 @@
+"""Starting and stopping real ``dramatiq`` worker processes (for ``jobs demo`` and integration tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+__all__ = ["WorkerProcess", "start_worker"]
+
+#: How long a worker gets to finish its in-flight steps after SIGTERM before it is killed, seconds.
+STOP_TIMEOUT_S = 30
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path | None
+    _log: IO[bytes] | None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            # The dramatiq master forwards SIGTERM to its worker processes and waits for their steps.
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def start_worker(
+    name: str,
+    *,
+    queues: Sequence[str],
+    processes: int = 1,
+    threads: int = 4,
+    module: str = "jobs.app",
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+    prefetch: int | None = None,
+) -> WorkerProcess:
+    """Start ``dramatiq <module> --queues …`` in its own process group; it inherits this environment."""
+    environment = {**os.environ, **(env or {})}
+    environment.pop("JOBS_BROKER", None)  # workers always use the real broker
+    if prefetch is not None:
+        # Dramatiq's own knob: without it a busy one-thread worker holds the next message in memory.
+        environment["dramatiq_queue_prefetch"] = str(prefetch)
+    command = [
+        sys.executable, "-m", "dramatiq", module,
+        "--processes", str(processes), "--threads", str(threads), "--queues", *queues,
+    ]
+    log = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+    process = subprocess.Popen(
+        command,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return WorkerProcess(name, process, log_path, log)

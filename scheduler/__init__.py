@@ -1,0 +1,1 @@
+"""Periodic background jobs, run by periodiq (``periodiq scheduler.app``) on the background queue."""
