@@ -90,7 +90,7 @@ class Resource(Base):
 
     @declared_attr
     def service_settings(cls) -> Mapped[ServiceSettings]:
-        return relationship(ServiceSettings, lazy="joined")
+        return relationship(ServiceSettings, lazy="joined", innerjoin=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

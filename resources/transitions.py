@@ -32,7 +32,7 @@ def load_resource(session: Session, ref: str, *, for_update: bool = False) -> Re
     model, uuid = parse_ref(ref)
     query = select(model).where(model.uuid == uuid)
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update(of=model)
     resource = session.scalars(query).one_or_none()
     if resource is None:
         raise ResourceNotFound(f"{describe(model, uuid)} ({ref}) no longer exists; it was deleted meanwhile")
