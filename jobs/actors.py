@@ -43,6 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 _settings = get_settings()
 
+
 class PollFailed(JobsError):
     """A poll saw the erred value, or ran out of attempts."""
 
@@ -140,8 +141,7 @@ def error_state_transition(ref: str, clear_action: bool = False) -> None:
     values = {"action": "", "action_details": {}} if clear_action else None
     try:
         with session_scope() as session:
-            apply_transition(session, ref, "set_erred", operation_id=current_step().operation_id,
-                             values=values)
+            apply_transition(session, ref, "set_erred", operation_id=current_step().operation_id, values=values)
     except ResourceNotFound:
         logger.info("%s is gone; nothing to mark ERRED", ref)
 
@@ -149,7 +149,6 @@ def error_state_transition(ref: str, clear_action: bool = False) -> None:
 @dramatiq.actor(queue_name=queues.DEFAULT, max_retries=3, time_limit=_ms(_settings.step_time_limit_s))
 def delete_resource(ref: str) -> None:
     """Delete the resource's row (the end of a delete). Deleting what is already gone is a success."""
-    model, uuid = parse_ref(ref)
     operation_id = current_step().operation_id
     with session_scope() as session:
         try:
@@ -158,8 +157,12 @@ def delete_resource(ref: str) -> None:
             logger.info("%s already deleted", ref)
             return
         if operation_id is not None and resource.operation_id != operation_id:
-            logger.warning("%s belongs to operation %s now; deletion by operation %s ignored", ref,
-                           resource.operation_id, operation_id)
+            logger.warning(
+                "%s belongs to operation %s now; deletion by operation %s ignored",
+                ref,
+                resource.operation_id,
+                operation_id,
+            )
             return
         _delete(session, resource)
 
@@ -197,11 +200,14 @@ def poll_runtime_state(
         return
     model, uuid = parse_ref(ref)
     if erred_state is not None and state == erred_state:
-        raise PollFailed(f"{model.__name__} {uuid[:8]}… reached runtime state {state!r} "
-                         f"while waiting for {success_state!r}")
+        raise PollFailed(
+            f"{model.__name__} {uuid[:8]}… reached runtime state {state!r} while waiting for {success_state!r}"
+        )
     if not _poll_attempts_left(attempts):
-        raise PollFailed(f"{model.__name__} {uuid[:8]}… still {state!r} after {attempts} polls "
-                         f"every {interval_s} s; expected {success_state!r}")
+        raise PollFailed(
+            f"{model.__name__} {uuid[:8]}… still {state!r} after {attempts} polls "
+            f"every {interval_s} s; expected {success_state!r}"
+        )
     raise Retry(f"{ref} is {state!r}, waiting for {success_state!r}", delay=_ms(interval_s))
 
 
@@ -221,6 +227,7 @@ def poll_backend_check(
         return
     if not _poll_attempts_left(attempts):
         model, uuid = parse_ref(ref)
-        raise PollFailed(f"{model.__name__} {uuid[:8]}…: {check_method} still false after {attempts} polls "
-                         f"every {interval_s} s")
+        raise PollFailed(
+            f"{model.__name__} {uuid[:8]}…: {check_method} still false after {attempts} polls every {interval_s} s"
+        )
     raise Retry(f"{ref}: {check_method} is false", delay=_ms(interval_s))

@@ -18,12 +18,27 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--instances", default=12, show_default=True, type=click.IntRange(1, 500),
-              help="Instances to provision (each with one or two volumes).")
-@click.option("--tenants", default=3, show_default=True, type=click.IntRange(1, 100),
-              help="Tenants (service settings) to spread them over.")
-@click.option("--failure-rate", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="Chance that each simulated cloud call kind fails for a given resource.")
+@click.option(
+    "--instances",
+    default=12,
+    show_default=True,
+    type=click.IntRange(1, 500),
+    help="Instances to provision (each with one or two volumes).",
+)
+@click.option(
+    "--tenants",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Tenants (service settings) to spread them over.",
+)
+@click.option(
+    "--failure-rate",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Chance that each simulated cloud call kind fails for a given resource.",
+)
 @click.option("--seed", default=7, show_default=True, type=int, help="Seed of the failure injection.")
 @click.option("--json", "json_output", is_flag=True, help="Print a machine-readable summary only.")
 def demo(instances: int, tenants: int, failure_rate: float, seed: int, json_output: bool) -> None:

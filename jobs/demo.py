@@ -26,8 +26,14 @@ __all__ = ["DemoOptions", "run_demo"]
 
 #: How long one phase may take before its unfinished operations count as unexpected, seconds.
 PHASE_TIMEOUT_S = 180.0
-FAILURE_KEYS = ("instance.create", "instance.boot", "volume.create", "instance.resize", "instance.delete",
-                "volume.delete")
+FAILURE_KEYS = (
+    "instance.create",
+    "instance.boot",
+    "volume.create",
+    "instance.resize",
+    "instance.delete",
+    "volume.delete",
+)
 
 
 @dataclass
@@ -77,7 +83,10 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
         create_schema()
         cloud = SimulatedCloud()
         config = SimulatedConfig(
-            latency_ms=(20, 120), build_ms=800, delete_ms=400, seed=options.seed,
+            latency_ms=(20, 120),
+            build_ms=800,
+            delete_ms=400,
+            seed=options.seed,
             failures={key: options.failure_rate for key in FAILURE_KEYS},
         )
         cloud.configure(config)
@@ -114,9 +123,12 @@ def _run_phases(options: DemoOptions, cloud: Any, config: Any, console: Console)
     run = uuid.uuid4().hex[:6]
     report = Report()
     with session_scope() as session:
-        tenants = [ServiceSettings(name=f"demo-{run}-tenant-{i + 1}", backend="simulated",
-                                   options={"max_concurrent_provision_instance": 4})
-                   for i in range(options.tenants)]
+        tenants = [
+            ServiceSettings(
+                name=f"demo-{run}-tenant-{i + 1}", backend="simulated", options={"max_concurrent_provision_instance": 4}
+            )
+            for i in range(options.tenants)
+        ]
         session.add_all(tenants)
         session.flush()
         instances = []
@@ -124,8 +136,11 @@ def _run_phases(options: DemoOptions, cloud: Any, config: Any, console: Console)
             tenant = tenants[index % len(tenants)]
             instance = Instance(name=f"demo-{run}-vm-{index + 1:02d}", service_settings_id=tenant.id)
             instance.volumes = [
-                Volume(name=f"{instance.name}-disk-{v + 1}", size_gb=rng.choice([10, 20, 50]),
-                       service_settings_id=tenant.id)
+                Volume(
+                    name=f"{instance.name}-disk-{v + 1}",
+                    size_gb=rng.choice([10, 20, 50]),
+                    service_settings_id=tenant.id,
+                )
                 for v in range(rng.randint(1, 2))
             ]
             instances.append(instance)
@@ -143,8 +158,11 @@ def _run_phases(options: DemoOptions, cloud: Any, config: Any, console: Console)
     with session_scope() as session:
         for instance in session.scalars(ours):
             volumes = refs[instance.uuid][1]
-            failed = (fails("instance.create", instance.uuid) or fails("instance.boot", instance.uuid)
-                      or any(fails("volume.create", v) for v in volumes))
+            failed = (
+                fails("instance.create", instance.uuid)
+                or fails("instance.boot", instance.uuid)
+                or any(fails("volume.create", v) for v in volumes)
+            )
             handle = InstanceCreateExecutor.execute(instance)
             report.planned.append(Planned("InstanceCreateExecutor", instance.name, handle.id, expect(failed)))
     _wait_phase("provision", report, refs, console, options)
@@ -153,8 +171,11 @@ def _run_phases(options: DemoOptions, cloud: Any, config: Any, console: Console)
     with session_scope() as session:
         for instance in session.scalars(ours.where(Instance.state == State.OK)).all()[::2]:
             handle = InstanceResizeExecutor.execute(instance, flavor="large")
-            report.planned.append(Planned("InstanceResizeExecutor", instance.name, handle.id,
-                                          expect(fails("instance.resize", instance.uuid))))
+            report.planned.append(
+                Planned(
+                    "InstanceResizeExecutor", instance.name, handle.id, expect(fails("instance.resize", instance.uuid))
+                )
+            )
     _wait_phase("resize", report, refs, console, options)
 
     # Phase 3: delete everything that is left (each volume's delete is a stage of its instance's).
@@ -216,8 +237,9 @@ def _progress_table(phase: str, report: Report, states: Counter[str]) -> Table:
     return table
 
 
-def _wait_phase(phase: str, report: Report, refs: dict[str, tuple[str, list[str]]], console: Console,
-                options: DemoOptions) -> None:
+def _wait_phase(
+    phase: str, report: Report, refs: dict[str, tuple[str, list[str]]], console: Console, options: DemoOptions
+) -> None:
     from resources.states import TRANSITIONAL_STATES
 
     transitional = {str(s) for s in TRANSITIONAL_STATES}
@@ -244,10 +266,20 @@ def _summary(options: DemoOptions, report: Report, duration: float, logs: list[A
     for planned in report.planned:
         operations[planned.executor][planned.outcome] += 1
         if planned.outcome != planned.expected:
-            unexpected.append({"executor": planned.executor, "resource": planned.resource,
-                               "expected": planned.expected, "outcome": planned.outcome, "error": planned.error})
-    failures = [{"executor": p.executor, "resource": p.resource, "error": p.error}
-                for p in report.planned if p.outcome == "failed"]
+            unexpected.append(
+                {
+                    "executor": planned.executor,
+                    "resource": planned.resource,
+                    "expected": planned.expected,
+                    "outcome": planned.outcome,
+                    "error": planned.error,
+                }
+            )
+    failures = [
+        {"executor": p.executor, "resource": p.resource, "error": p.error}
+        for p in report.planned
+        if p.outcome == "failed"
+    ]
     return {
         "resources": dict(report.final_states),
         "operations": {k: dict(v) for k, v in operations.items()},
@@ -256,7 +288,11 @@ def _summary(options: DemoOptions, report: Report, duration: float, logs: list[A
         "failures": failures,
         "phases_s": report.phases,
         "duration_s": round(duration, 2),
-        "settings": {"instances": options.instances, "tenants": options.tenants,
-                     "failure_rate": options.failure_rate, "seed": options.seed},
+        "settings": {
+            "instances": options.instances,
+            "tenants": options.tenants,
+            "failure_rate": options.failure_rate,
+            "seed": options.seed,
+        },
         "worker_logs": [str(p) for p in logs],
     }

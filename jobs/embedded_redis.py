@@ -66,18 +66,27 @@ class EmbeddedRedis:
         socket_path = os.path.join(self.directory, "redis.sock")
         command = [
             find_redis_server(),
-            "--port", "0",
-            "--unixsocket", socket_path,
-            "--unixsocketperm", "700",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.directory,
-            "--daemonize", "no",
-            "--loglevel", "warning",
-            "--logfile", os.path.join(self.directory, "redis.log"),
+            "--port",
+            "0",
+            "--unixsocket",
+            socket_path,
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.directory,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            os.path.join(self.directory, "redis.log"),
         ]
         preexec = _die_with_parent if os.uname().sysname == "Linux" else None
-        self.process = subprocess.Popen(command, preexec_fn=preexec, stdin=subprocess.DEVNULL)  # noqa: PLW1509
+        self.process = subprocess.Popen(command, preexec_fn=preexec, stdin=subprocess.DEVNULL)
         self.url = f"unix://{socket_path}?db=0"
         self._wait_until_ready()
         return self.url

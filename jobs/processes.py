@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-__all__ = ["WorkerProcess", "start_worker"]
+__all__ = ["ManagedProcess", "start_process", "start_scheduler", "start_worker"]
 
 #: How long a worker gets to finish its in-flight steps after SIGTERM before it is killed, seconds.
 STOP_TIMEOUT_S = 30
 
 
 @dataclass
-class WorkerProcess:
+class ManagedProcess:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path | None
@@ -29,7 +29,8 @@ class WorkerProcess:
 
     def stop(self) -> None:
         if self.alive():
-            # The dramatiq master forwards SIGTERM to its worker processes and waits for their steps.
+            # The dramatiq master forwards SIGTERM to its worker processes and waits for their steps;
+            # periodiq exits on it.
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=STOP_TIMEOUT_S)
@@ -39,6 +40,27 @@ class WorkerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def start_process(
+    name: str, command: Sequence[str], *, env: Mapping[str, str] | None = None, log_path: Path | None = None
+) -> ManagedProcess:
+    """Start ``command`` in its own process group with this environment plus ``env``."""
+    environment = {**os.environ, **(env or {})}
+    environment.pop("JOBS_BROKER", None)  # these processes always use the real broker
+    log = None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+    process = subprocess.Popen(
+        list(command),
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return ManagedProcess(name, process, log_path, log)
 
 
 def start_worker(
@@ -51,27 +73,30 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
     prefetch: int | None = None,
-) -> WorkerProcess:
-    """Start ``dramatiq <module> --queues …`` in its own process group; it inherits this environment."""
-    environment = {**os.environ, **(env or {})}
-    environment.pop("JOBS_BROKER", None)  # workers always use the real broker
+) -> ManagedProcess:
+    """``dramatiq <module> --queues …``, as the Procfile's worker processes run it."""
+    environment = dict(env or {})
     if prefetch is not None:
         # Dramatiq's own knob: without it a busy one-thread worker holds the next message in memory.
         environment["dramatiq_queue_prefetch"] = str(prefetch)
     command = [
-        sys.executable, "-m", "dramatiq", module,
-        "--processes", str(processes), "--threads", str(threads), "--queues", *queues,
+        sys.executable,
+        "-m",
+        "dramatiq",
+        module,
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--queues",
+        *queues,
     ]
-    log = None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-    process = subprocess.Popen(
-        command,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=log or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return WorkerProcess(name, process, log_path, log)
+    return start_process(name, command, env=environment, log_path=log_path)
+
+
+def start_scheduler(
+    *, module: str = "scheduler.app", env: Mapping[str, str] | None = None, log_path: Path | None = None
+) -> ManagedProcess:
+    """``periodiq scheduler.app``, as the Procfile's scheduler process runs it."""
+    command = [sys.executable, "-c", "from periodiq import entrypoint; entrypoint()", module]
+    return start_process("scheduler", command, env=env, log_path=log_path)

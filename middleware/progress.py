@@ -78,8 +78,7 @@ def complete_step(session: Session, operation_id: str, path: str) -> list[Outgoi
         return []
     done = _done_paths(session, operation_id)
     if path in done:
-        logger.info("step %s of operation %s completed twice; the second completion is ignored", path,
-                    operation_id)
+        logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
         return []
     step = advance(operation.plan["root"], done, path)
     session.add_all(StepDone(operation_id=operation_id, path=p) for p in step.completed)
@@ -111,6 +110,5 @@ def fail_operation(
             continue  # this resource's part finished before the failure
         record_error(session, party["ref"], operation_id, error_message, error_traceback)
         callbacks.extend(Outgoing(Message(**m)) for m in party["on_failure"])
-    logger.warning("operation %s (%s) failed at %s: %s", operation_id, operation.executor, step_name,
-                   error_message)
+    logger.warning("operation %s (%s) failed at %s: %s", operation_id, operation.executor, step_name, error_message)
     return callbacks

@@ -76,8 +76,12 @@ class OperationTransitions(Middleware):
         set_step_context(None)
         if not self._is_step(message):
             if exception is not None and message.failed and message.options.get(OPTION_CALLBACK):
-                logger.error("failure callback %s of operation %s failed: %s", message,
-                             message.options.get(OPTION_OPERATION), describe_error(exception))
+                logger.error(
+                    "failure callback %s of operation %s failed: %s",
+                    message,
+                    message.options.get(OPTION_OPERATION),
+                    describe_error(exception),
+                )
             return
         operation_id = message.options[OPTION_OPERATION]
         if exception is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -65,4 +66,3 @@ def _drop_rolled_back(session: Session, previous_transaction: SessionTransaction
     if len(kept) != len(callbacks):
         logger.info("transaction rolled back: %d after-commit callback(s) dropped", len(callbacks) - len(kept))
     session.info[_KEY] = kept
-

@@ -45,6 +45,10 @@ def store_changes(session: Session, ref: str, changes: dict[str, Any], operation
     current = session.scalar(select(model.operation_id).where(model.uuid == uuid))
     if current is None and session.scalar(select(model.id).where(model.uuid == uuid)) is None:
         raise ResourceNotFound(f"{describe(model, uuid)} no longer exists; backend result not stored")
-    logger.warning("%s belongs to operation %s now; result of operation %s not stored",
-                   describe(model, uuid), current, operation_id)
+    logger.warning(
+        "%s belongs to operation %s now; result of operation %s not stored",
+        describe(model, uuid),
+        current,
+        operation_id,
+    )
     return False

@@ -132,9 +132,7 @@ def model_for_type(resource_type: str) -> type[Resource]:
         return _RESOURCE_TYPES[resource_type]
     except KeyError:
         known = ", ".join(sorted(_RESOURCE_TYPES))
-        raise UnknownResourceType(
-            f"resource type {resource_type!r} is not registered; known types: {known}"
-        ) from None
+        raise UnknownResourceType(f"resource type {resource_type!r} is not registered; known types: {known}") from None
 
 
 def resource_types() -> dict[str, type[Resource]]:
@@ -171,8 +169,6 @@ class StepDone(Base):
 
     __tablename__ = "operation_steps_done"
 
-    operation_id: Mapped[str] = mapped_column(
-        ForeignKey("operations.id", ondelete="CASCADE"), primary_key=True
-    )
+    operation_id: Mapped[str] = mapped_column(ForeignKey("operations.id", ondelete="CASCADE"), primary_key=True)
     path: Mapped[str] = mapped_column(String(200), primary_key=True)
     done_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["TRANSITIONS", "TRANSITIONAL_STATES", "State", "Transition", "get_transition"]
+__all__ = ["TRANSITIONAL_STATES", "TRANSITIONS", "State", "Transition", "get_transition"]
 
 
 class State(enum.StrEnum):
@@ -43,13 +43,9 @@ TRANSITIONS: dict[str, Transition] = {
     t.name: t
     for t in (
         Transition("begin_creating", frozenset({State.CREATION_SCHEDULED}), State.CREATING),
-        Transition(
-            "schedule_updating", frozenset({State.OK, State.ERRED}), State.UPDATE_SCHEDULED, True
-        ),
+        Transition("schedule_updating", frozenset({State.OK, State.ERRED}), State.UPDATE_SCHEDULED, True),
         Transition("begin_updating", frozenset({State.UPDATE_SCHEDULED}), State.UPDATING),
-        Transition(
-            "schedule_deleting", frozenset({State.OK, State.ERRED}), State.DELETION_SCHEDULED, True
-        ),
+        Transition("schedule_deleting", frozenset({State.OK, State.ERRED}), State.DELETION_SCHEDULED, True),
         Transition("begin_deleting", frozenset({State.DELETION_SCHEDULED}), State.DELETING),
         Transition("set_ok", _ANY, State.OK),
         Transition("set_erred", _ANY, State.ERRED),

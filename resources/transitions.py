@@ -87,18 +87,21 @@ def _explain_no_match(
         raise ResourceNotFound(f"{name} no longer exists; {transition.name} has nothing to act on")
     state, current_operation = row
     if operation_id is not None and current_operation == operation_id and state == transition.target:
-        logger.info("%s is already %s for operation %s; duplicate %s ignored", name, state, operation_id,
-                    transition.name)
+        logger.info(
+            "%s is already %s for operation %s; duplicate %s ignored", name, state, operation_id, transition.name
+        )
         return False
     if operation_id is not None and not transition.starts_operation and current_operation != operation_id:
         logger.warning(
             "%s belongs to operation %s now; late %s of operation %s ignored (state stays %s)",
-            name, current_operation, transition.name, operation_id, state,
+            name,
+            current_operation,
+            transition.name,
+            operation_id,
+            state,
         )
         return False
-    raise TransitionNotAllowed(
-        f"{name} is {state}; {transition.name} needs {transition.describe_sources()}"
-    )
+    raise TransitionNotAllowed(f"{name} is {state}; {transition.name} needs {transition.describe_sources()}")
 
 
 def claim_for_operation(session: Session, ref: str, operation_id: str, *, expected: State) -> None:

@@ -1,7 +1,7 @@
 """What the scheduler and the background workers load (see the Procfile):
 
-    periodiq scheduler.app                            # sends each periodic job when it is due
-    dramatiq scheduler.app --queues background        # runs them
+periodiq scheduler.app                            # sends each periodic job when it is due
+dramatiq scheduler.app --queues background        # runs them
 """
 
 from jobs import app as jobs_app

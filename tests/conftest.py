@@ -53,4 +53,5 @@ def _cleanup_namespace() -> None:
     if keys:
         client.delete(*keys)
 
+
 pytest_plugins = ["tests.fixtures"]

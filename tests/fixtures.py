@@ -138,6 +138,7 @@ def make_instance(tenant: ServiceSettings, name: str = "vm", volumes: int = 2, u
         session.add(instance)
         session.flush()
         for index in range(volumes):
-            session.add(Volume(name=f"{name}-vol{index}", size_gb=10, instance_id=instance.id,
-                               service_settings_id=tenant.id))
+            session.add(
+                Volume(name=f"{name}-vol{index}", size_gb=10, instance_id=instance.id, service_settings_id=tenant.id)
+            )
     return instance

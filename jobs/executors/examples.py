@@ -8,7 +8,13 @@ from dramatiq import group
 
 from resources.models import Instance, Volume
 
-from ..actors import backend_method, heavy_backend_method, poll_backend_check, poll_runtime_state, state_transition
+from ..actors import (
+    backend_method,
+    heavy_backend_method,
+    poll_backend_check,
+    poll_runtime_state,
+    state_transition,
+)
 from .base import Signature
 from .standard import ActionExecutor, CreateExecutor, DeleteExecutor, UpdateExecutor
 
@@ -33,8 +39,7 @@ class VolumeCreateExecutor(CreateExecutor):
     def get_task_signature(cls, instance: Volume, serialized_instance: str, **kwargs: Any) -> Signature:
         return [
             backend_method.message(serialized_instance, "create", state_transition="begin_creating"),
-            poll_runtime_state.message(serialized_instance, "available", erred_state="error",
-                                       **_poll_options(kwargs)),
+            poll_runtime_state.message(serialized_instance, "available", erred_state="error", **_poll_options(kwargs)),
         ]
 
 
@@ -57,8 +62,12 @@ class InstanceUpdateExecutor(UpdateExecutor):
     @classmethod
     def get_task_signature(cls, instance: Instance, serialized_instance: str, **kwargs: Any) -> Signature:
         return [
-            backend_method.message(serialized_instance, "update", state_transition="begin_updating",
-                                   updated_fields=list(kwargs.get("updated_fields") or [])),
+            backend_method.message(
+                serialized_instance,
+                "update",
+                state_transition="begin_updating",
+                updated_fields=list(kwargs.get("updated_fields") or []),
+            ),
             poll_runtime_state.message(serialized_instance, "ACTIVE", erred_state="ERROR", **_poll_options(kwargs)),
         ]
 
@@ -90,8 +99,7 @@ class VolumeExtendExecutor(ActionExecutor):
         return [
             state_transition.message(serialized_instance, "begin_updating"),
             backend_method.message(serialized_instance, "extend", size_gb=kwargs["size_gb"]),
-            poll_runtime_state.message(serialized_instance, "available", erred_state="error",
-                                       **_poll_options(kwargs)),
+            poll_runtime_state.message(serialized_instance, "available", erred_state="error", **_poll_options(kwargs)),
         ]
 
 

@@ -39,13 +39,18 @@ def run_inline(broker: dramatiq.Broker, operation_id: str, outgoing: Iterable[Ou
             continue
         error_traceback = "".join(traceback.format_exception(error))
         with session_scope() as session:
-            callbacks = fail_operation(session, operation_id, message.actor_name, describe_error(error),
-                                       error_traceback)
+            callbacks = fail_operation(
+                session, operation_id, message.actor_name, describe_error(error), error_traceback
+            )
         for callback in callbacks:
             callback_error = _run_with_retries(broker, callback.message)
             if callback_error is not None:
-                logger.error("failure callback %s of operation %s failed: %s", callback.message, operation_id,
-                             describe_error(callback_error))
+                logger.error(
+                    "failure callback %s of operation %s failed: %s",
+                    callback.message,
+                    operation_id,
+                    describe_error(callback_error),
+                )
         raise error
 
 

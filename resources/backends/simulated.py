@@ -124,8 +124,12 @@ class SimulatedCloud:
         if not self.redis.set(ref_key, backend_id, nx=True):
             backend_id = self.redis.get(ref_key) or backend_id
             return {"backend_id": backend_id, "runtime_state": self._runtime_state(backend_id)}
-        boots = not chosen(config.seed, f"{resource.resource_type}.boot", resource.uuid,
-                           config.failures.get(f"{resource.resource_type}.boot", 0.0))
+        boots = not chosen(
+            config.seed,
+            f"{resource.resource_type}.boot",
+            resource.uuid,
+            config.failures.get(f"{resource.resource_type}.boot", 0.0),
+        )
         self.redis.hset(
             f"{self.prefix}:obj:{backend_id}",
             mapping={
@@ -164,8 +168,11 @@ class SimulatedCloud:
         building, _ready, _erred = RUNTIME_STATES[resource.resource_type]
         self.redis.hset(
             f"{self.prefix}:obj:{resource.backend_id}",
-            mapping={"status": building, "ready_at": self.now_ms() + config.build_ms,
-                     **{k: json.dumps(v) for k, v in attributes.items()}},
+            mapping={
+                "status": building,
+                "ready_at": self.now_ms() + config.build_ms,
+                **{k: json.dumps(v) for k, v in attributes.items()},
+            },
         )
         return {"runtime_state": building, **attributes}
 

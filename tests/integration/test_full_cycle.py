@@ -28,8 +28,11 @@ def _databases() -> list:
     postgres = configured if configured.startswith(("postgres", "postgresql")) else None
     return [
         pytest.param(SQLITE_INTEGRATION_URL, id="sqlite"),
-        pytest.param(postgres, id="postgresql", marks=pytest.mark.skipif(
-            postgres is None, reason="set DATABASE_URL to a PostgreSQL database to run this")),
+        pytest.param(
+            postgres,
+            id="postgresql",
+            marks=pytest.mark.skipif(postgres is None, reason="set DATABASE_URL to a PostgreSQL database to run this"),
+        ),
     ]
 
 
@@ -93,8 +96,7 @@ def test_create_action_delete_cycle(live_system):
 
     # When two are resized (the resize step runs on the heavy queue, which only the heavy worker serves)
     with session_scope() as session:
-        resizes = [InstanceResizeExecutor.execute(session.get(Instance, i.id), flavor="large")
-                   for i in instances[:2]]
+        resizes = [InstanceResizeExecutor.execute(session.get(Instance, i.id), flavor="large") for i in instances[:2]]
     wait_for(lambda: _ended(resizes) and _settled(uuids), timeout_s=120)
 
     # Then they are OK, resized, and their action is cleared
@@ -117,8 +119,9 @@ def test_create_action_delete_cycle(live_system):
 def test_a_failing_step_errs_the_resource_with_a_readable_message(live_system):
     # Given a cloud whose instances never boot
     cloud = live_system
-    cloud.configure(SimulatedConfig(latency_ms=(5, 30), build_ms=200, delete_ms=100, seed=1,
-                                    failures={"instance.boot": 1.0}))
+    cloud.configure(
+        SimulatedConfig(latency_ms=(5, 30), build_ms=200, delete_ms=100, seed=1, failures={"instance.boot": 1.0})
+    )
     instance = make_instance(make_tenant(), "never-boots", volumes=1)
 
     # When it is created
@@ -131,6 +134,4 @@ def test_a_failing_step_errs_the_resource_with_a_readable_message(live_system):
     assert "reached runtime state 'ERROR' while waiting for 'ACTIVE'" in erred.error_message
     assert "PollFailed" in erred.error_traceback
     with session_scope() as session:
-        assert [v.state for v in session.scalars(select(Volume).where(Volume.instance_id == instance.id))] == [
-            State.OK
-        ]
+        assert [v.state for v in session.scalars(select(Volume).where(Volume.instance_id == instance.id))] == [State.OK]

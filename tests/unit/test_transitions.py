@@ -8,8 +8,8 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from middleware import StepContext, step_context
 from jobs.actors import state_transition
+from middleware import StepContext, step_context
 from resources.db import session_scope
 from resources.errors import ResourceNotFound, TransitionNotAllowed
 from resources.models import Instance, new_uuid
