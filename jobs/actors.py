@@ -14,7 +14,6 @@ from typing import Any
 
 import dramatiq
 from dramatiq import Retry
-from sqlalchemy.orm import Session
 
 from middleware import current_step
 from resources.backends import get_backend
@@ -23,7 +22,6 @@ from resources.config import get_settings
 from resources.db import session_scope
 from resources.errors import ConfigurationError, JobsError, ResourceNotFound
 from resources.models import Resource
-from resources.refs import parse_ref
 from resources.transitions import apply_transition, load_resource
 
 from . import broker as _broker  # noqa: F401  (sets the broker before the actors below are declared)
@@ -75,9 +73,13 @@ def _store(ref: str, changes: dict[str, Any]) -> None:
         store_changes(session, ref, changes, current_step().operation_id)
 
 
-def _call_backend(ref: str, method: str, **kwargs: Any) -> Any:
+def _call_backend(ref: str, method: str, **kwargs: Any) -> tuple[Resource, Any]:
     resource = _snapshot(ref)
-    return _backend_method(resource, method)(resource, **kwargs)
+    return resource, _backend_method(resource, method)(resource, **kwargs)
+
+
+def _label(resource: Resource) -> str:
+    return f"{type(resource).__name__} {resource.name!r} ({resource.uuid[:8]}…)"
 
 
 def _backend_method(resource: Resource, method: str) -> Callable[..., Any]:
@@ -164,12 +166,8 @@ def delete_resource(ref: str) -> None:
                 operation_id,
             )
             return
-        _delete(session, resource)
-
-
-def _delete(session: Session, resource: Resource) -> None:
-    # The ORM unlinks dependent rows (an instance's remaining volumes) before deleting.
-    session.delete(resource)
+        # The ORM unlinks dependent rows (an instance's remaining volumes) before deleting.
+        session.delete(resource)
 
 
 def _poll_attempts_left(attempts: int) -> bool:
@@ -193,20 +191,17 @@ def poll_runtime_state(
     """Pull the resource until its runtime state is ``success_state``; fail on ``erred_state``."""
     interval_s = interval_s or _settings.poll_interval_s
     attempts = attempts or _settings.poll_state_attempts
-    changes = _call_backend(ref, pull_method)
+    resource, changes = _call_backend(ref, pull_method)
     _store(ref, changes)
     state = changes.get("runtime_state")
     if state == success_state:
         return
-    model, uuid = parse_ref(ref)
     if erred_state is not None and state == erred_state:
-        raise PollFailed(
-            f"{model.__name__} {uuid[:8]}… reached runtime state {state!r} while waiting for {success_state!r}"
-        )
+        raise PollFailed(f"{_label(resource)} reached runtime state {state!r} while waiting for {success_state!r}")
     if not _poll_attempts_left(attempts):
         raise PollFailed(
-            f"{model.__name__} {uuid[:8]}… still {state!r} after {attempts} polls "
-            f"every {interval_s} s; expected {success_state!r}"
+            f"{_label(resource)} still {state!r} after {attempts} polls every {interval_s} s; "
+            f"expected {success_state!r}"
         )
     raise Retry(f"{ref} is {state!r}, waiting for {success_state!r}", delay=_ms(interval_s))
 
@@ -223,11 +218,9 @@ def poll_backend_check(
     """Call ``backend.<check_method>(resource)`` until it returns true."""
     interval_s = interval_s or _settings.poll_interval_s
     attempts = attempts or _settings.poll_check_attempts
-    if _call_backend(ref, check_method):
+    resource, done = _call_backend(ref, check_method)
+    if done:
         return
     if not _poll_attempts_left(attempts):
-        model, uuid = parse_ref(ref)
-        raise PollFailed(
-            f"{model.__name__} {uuid[:8]}…: {check_method} still false after {attempts} polls every {interval_s} s"
-        )
+        raise PollFailed(f"{_label(resource)}: {check_method} still false after {attempts} polls every {interval_s} s")
     raise Retry(f"{ref}: {check_method} is false", delay=_ms(interval_s))

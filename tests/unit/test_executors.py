@@ -186,3 +186,22 @@ def test_force_delete_removes_the_row_even_on_failure(stub_broker, stub_worker, 
 
     assert handle.status() == "failed"
     assert _load(Instance, instance.uuid) is None
+
+
+def test_polls_give_up_after_their_attempts(stub_broker, stub_worker, cloud):
+    # Given a cloud where instances take far longer to build than the poll will wait
+    cloud.configure(SimulatedConfig(build_ms=600_000))
+    instance = make_instance(make_tenant(), "slow", volumes=0)
+
+    # When it is created with polls of three attempts
+    handle = InstanceCreateExecutor.execute(instance, attempts=3, interval_s=0.01)
+    drain(stub_broker)
+
+    # Then the poll ran exactly three times and the error says what it waited for
+    assert RECORDER.count("poll_runtime_state", instance.ref) == 3
+    erred = _load(Instance, instance.uuid)
+    assert erred.state == State.ERRED
+    assert erred.error_message == (
+        f"Instance 'slow' ({instance.uuid[:8]}…) still 'BUILD' after 3 polls every 0.01 s; expected 'ACTIVE'"
+    )
+    assert handle.status() == "failed"
