@@ -8,6 +8,7 @@ fixed delay and a bounded number of attempts.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -170,16 +171,21 @@ def delete_resource(ref: str) -> None:
         session.delete(resource)
 
 
-def _poll_attempts_left(attempts: int) -> bool:
-    return current_step().attempt + 1 < attempts
-
-
-@dramatiq.actor(
+#: Polls retry only when they ask to (``Retry``), with their own fixed delay; any other error is final.
+poll_actor = functools.partial(
+    dramatiq.actor,
     queue_name=queues.DEFAULT,
     max_retries=None,
     retry_when=_only_explicit_retries,
     time_limit=_ms(_settings.poll_time_limit_s),
 )
+
+
+def _poll_attempts_left(attempts: int) -> bool:
+    return current_step().attempt + 1 < attempts
+
+
+@poll_actor
 def poll_runtime_state(
     ref: str,
     success_state: str,
@@ -206,12 +212,7 @@ def poll_runtime_state(
     raise Retry(f"{ref} is {state!r}, waiting for {success_state!r}", delay=_ms(interval_s))
 
 
-@dramatiq.actor(
-    queue_name=queues.DEFAULT,
-    max_retries=None,
-    retry_when=_only_explicit_retries,
-    time_limit=_ms(_settings.poll_time_limit_s),
-)
+@poll_actor
 def poll_backend_check(
     ref: str, check_method: str = "is_gone", interval_s: float | None = None, attempts: int | None = None
 ) -> None:

@@ -8,8 +8,10 @@ which starts an embedded Redis can set ``REDIS_URL`` before anything reads it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import ConfigurationError
 
@@ -17,6 +19,7 @@ __all__ = ["Settings", "get_settings", "normalise_database_url"]
 
 #: Where the default SQLite database lives when DATABASE_URL is unset.
 DEFAULT_DATA_DIR = ".jobs-data"
+T = TypeVar("T", int, float)
 
 
 @dataclass(frozen=True)
@@ -43,29 +46,17 @@ class Settings:
         return self.redis_url or "redis://127.0.0.1:6379/0"
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
+    wanted = "a positive integer" if kind is int else "a positive number"
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number; set it to a positive number") from None
+        raise ConfigurationError(f"{name}={raw!r} is not a number; set it to {wanted}") from None
     if value <= 0:
-        raise ConfigurationError(f"{name}={raw!r} must be positive; set it to a positive number")
-    return value
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not an integer; set it to a positive integer") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name}={raw!r} must be positive; set it to a positive integer")
+        raise ConfigurationError(f"{name}={raw!r} must be positive; set it to {wanted}")
     return value
 
 
@@ -85,9 +76,9 @@ def get_settings() -> Settings:
         database_url=normalise_database_url(database_url),
         data_dir=data_dir,
         namespace=os.environ.get("JOBS_NAMESPACE") or "jobs",
-        poll_interval_s=_env_float("JOBS_POLL_INTERVAL_S", 5.0),
-        poll_state_attempts=_env_int("JOBS_POLL_STATE_ATTEMPTS", 1200),
-        poll_check_attempts=_env_int("JOBS_POLL_CHECK_ATTEMPTS", 600),
-        step_time_limit_s=_env_float("JOBS_STEP_TIME_LIMIT_S", 600.0),
-        poll_time_limit_s=_env_float("JOBS_POLL_TIME_LIMIT_S", 60.0),
+        poll_interval_s=_env_number("JOBS_POLL_INTERVAL_S", 5.0, float),
+        poll_state_attempts=_env_number("JOBS_POLL_STATE_ATTEMPTS", 1200, int),
+        poll_check_attempts=_env_number("JOBS_POLL_CHECK_ATTEMPTS", 600, int),
+        step_time_limit_s=_env_number("JOBS_STEP_TIME_LIMIT_S", 600.0, float),
+        poll_time_limit_s=_env_number("JOBS_POLL_TIME_LIMIT_S", 60.0, float),
     )

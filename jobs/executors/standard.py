@@ -17,36 +17,32 @@ from .base import BaseExecutor, Signature
 __all__ = ["ActionExecutor", "CreateExecutor", "DeleteExecutor", "UpdateExecutor"]
 
 
-class CreateExecutor(BaseExecutor):
+class _OkOrErredExecutor(BaseExecutor):
+    """Success: set_ok. Failure: set_erred (the error is already stored on the resource)."""
+
+    @classmethod
+    def get_success_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
+        return state_transition.message(serialized_instance, "set_ok")
+
+    @classmethod
+    def get_failure_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
+        return error_state_transition.message(serialized_instance)
+
+
+class CreateExecutor(_OkOrErredExecutor):
     """New rows start in CREATION_SCHEDULED; the work should begin with ``begin_creating``."""
 
     @classmethod
     def pre_apply(cls, instance: Resource, *, session: Session, operation_id: str, **kwargs: Any) -> None:
         claim_for_operation(session, instance.ref, operation_id, expected=State.CREATION_SCHEDULED)
 
-    @classmethod
-    def get_success_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
-        return state_transition.message(serialized_instance, "set_ok")
 
-    @classmethod
-    def get_failure_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
-        return error_state_transition.message(serialized_instance)
-
-
-class UpdateExecutor(BaseExecutor):
+class UpdateExecutor(_OkOrErredExecutor):
     """Gets ``updated_fields``; the work should begin with ``begin_updating``."""
 
     @classmethod
     def pre_apply(cls, instance: Resource, *, session: Session, operation_id: str, **kwargs: Any) -> None:
         apply_transition(session, instance.ref, "schedule_updating", operation_id=operation_id)
-
-    @classmethod
-    def get_success_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
-        return state_transition.message(serialized_instance, "set_ok")
-
-    @classmethod
-    def get_failure_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
-        return error_state_transition.message(serialized_instance)
 
 
 class ActionExecutor(BaseExecutor):
