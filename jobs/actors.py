@@ -64,9 +64,7 @@ def _snapshot(ref: str, *, transition: str | None = None, runtime_state: str | N
         resource = load_resource(session, ref)
         if runtime_state is not None:
             store_changes(session, ref, {"runtime_state": runtime_state}, operation_id)
-            resource.runtime_state = runtime_state
-        session.expunge(resource)
-    return resource
+        return resource.snapshot()
 
 
 def _store(ref: str, changes: dict[str, Any]) -> None:

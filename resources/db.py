@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import get_settings
 from .models import Base
 
-__all__ = ["create_schema", "drop_schema", "get_engine", "get_sessionmaker", "session_scope"]
+__all__ = ["create_schema", "drop_schema", "get_engine", "get_sessionmaker", "join_session", "session_scope"]
 
 #: How long a SQLite writer waits for another writer's lock, seconds.
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -64,11 +65,34 @@ def get_sessionmaker(url: str | None = None) -> sessionmaker[Session]:
     return _sessionmaker_for(url or get_settings().database_url)
 
 
+#: A caller's session that ``session_scope()`` joins instead of opening its own (sync-mode executors).
+_JOINED: contextvars.ContextVar[Session | None] = contextvars.ContextVar("joined_session", default=None)
+
+
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A session whose transaction commits when the block ends and rolls back on an exception."""
+    """A session whose transaction commits when the block ends and rolls back on an exception.
+
+    Inside ``join_session(s)``, it is a savepoint of ``s`` instead: the work becomes part of the
+    caller's transaction, committed or rolled back with it.
+    """
+    joined = _JOINED.get()
+    if joined is not None and url is None:
+        with joined.begin_nested():
+            yield joined
+        return
     with get_sessionmaker(url).begin() as session:
         yield session
+
+
+@contextmanager
+def join_session(session: Session) -> Iterator[Session]:
+    """Make ``session_scope()`` in this thread use ``session`` (a ContextVar: threads don't share it)."""
+    token = _JOINED.set(session)
+    try:
+        yield session
+    finally:
+        _JOINED.reset(token)
 
 
 def create_schema(url: str | None = None) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import uuid as uuid_module
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
-from sqlalchemy import JSON, Enum, ForeignKey, Integer, String, Text, func
+from sqlalchemy import JSON, Enum, ForeignKey, Integer, String, Text, func, inspect
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
 from .errors import UnknownResourceType
@@ -104,6 +104,24 @@ class Resource(Base):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uuid[:8]} {self.name!r} {self.state}>"
+
+    def snapshot(self) -> Self:
+        """A copy of the columns and the service settings, attached to no session: what a backend gets.
+
+        Backends run for minutes with no database session open; a copy (rather than expunging this
+        object) leaves the caller's session and objects untouched.
+        """
+        values = {attr.key: getattr(self, attr.key) for attr in inspect(type(self)).column_attrs}
+        copy = type(self)(**values)
+        settings = self.service_settings
+        copy.service_settings = ServiceSettings(
+            id=settings.id,
+            uuid=settings.uuid,
+            name=settings.name,
+            backend=settings.backend,
+            options=dict(settings.options),
+        )
+        return copy
 
 
 class Instance(Resource):

@@ -44,8 +44,7 @@ def pull_resource(ref: str) -> None:
     """Store the backend's runtime state on a settled resource (no operation owns it)."""
     try:
         with session_scope() as session:
-            resource = load_resource(session, ref)
-            session.expunge(resource)
+            resource = load_resource(session, ref).snapshot()
     except ResourceNotFound:
         return
     if resource.state not in (State.OK, State.ERRED):

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, object_session
 from middleware import PlanBuilder, enqueue_all, first_steps
 from middleware.plan import Node
 from resources.after_commit import on_commit
-from resources.db import get_sessionmaker, session_scope
+from resources.db import get_sessionmaker, join_session, session_scope
 from resources.errors import JobsError
 from resources.models import Operation, OperationStatus, Resource, new_uuid, utcnow
 
@@ -148,8 +148,9 @@ class BaseExecutor:
         the caller's transaction and messages are sent only after it commits; nothing is sent on
         rollback. A detached instance gets a transaction of its own, committed (and sent) at once.
         ``countdown`` (seconds) delays the first messages; ``is_heavy_task`` sends every message of the
-        operation to the heavy queue. ``is_async=False`` runs the steps here and now, committing the
-        caller's session first so the steps see its changes, and re-raises a step's error.
+        operation to the heavy queue. ``is_async=False`` runs the steps here and now, inside the caller's
+        transaction (so they see its changes, and it decides whether their results are kept), and
+        re-raises a failed step's error after the failure callbacks ran.
         """
         session = object_session(instance)
         own_session = session is None
@@ -176,15 +177,24 @@ class BaseExecutor:
             outgoing = first_steps(plan, countdown_ms if is_async else None)
             if is_async:
                 on_commit(session, lambda: enqueue_all(dramatiq.get_broker(), outgoing))
-                if own_session:
-                    session.commit()
             else:
+                _run_in_transaction(session, operation_id, outgoing, commit_on_failure=own_session)
+            if own_session:
                 session.commit()
-                run_inline(dramatiq.get_broker(), operation_id, outgoing)
         finally:
             if own_session:
                 session.close()
         return OperationHandle(operation_id, instance.ref, cls.executor_name())
+
+
+def _run_in_transaction(session: Session, operation_id: str, outgoing: list, *, commit_on_failure: bool) -> None:
+    try:
+        with join_session(session):
+            run_inline(dramatiq.get_broker(), operation_id, outgoing)
+    except Exception:
+        if commit_on_failure:
+            session.commit()  # our own transaction: keep the error and ERRED state, as a worker would
+        raise
 
 
 def _reload(session: Session, instance: Resource) -> Resource:
