@@ -28,6 +28,8 @@ __all__ = ["EmbeddedRedis", "find_redis_server"]
 #: How long to wait for the server to answer PING after start, seconds.
 START_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
+#: Longest unix socket path we use (the kernel's limit is 108 bytes including the terminator).
+MAX_SOCKET_PATH = 100
 
 
 def find_redis_server() -> str:
@@ -64,6 +66,11 @@ class EmbeddedRedis:
     def start(self) -> str:
         self.directory = tempfile.mkdtemp(prefix="jobs-redis-")
         socket_path = os.path.join(self.directory, "redis.sock")
+        if len(socket_path) > MAX_SOCKET_PATH:
+            # A unix socket path is limited to 108 bytes; a deep TMPDIR would silently break it.
+            os.rmdir(self.directory)
+            self.directory = tempfile.mkdtemp(prefix="jobs-redis-", dir="/tmp")
+            socket_path = os.path.join(self.directory, "redis.sock")
         command = [
             find_redis_server(),
             "--port",

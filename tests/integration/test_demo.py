@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -17,12 +19,12 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 def test_demo_on_embedded_defaults(tmp_path):
+    private_tmp = tempfile.mkdtemp(prefix="jobs-demo-test-")  # short: it holds the Redis unix socket
     # Given a new user's environment: no REDIS_URL, no DATABASE_URL
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "JOBS_BROKER")}
     env["JOBS_DATA_DIR"] = str(tmp_path)
     # Its embedded Redis makes its directory under TMPDIR: a path only this test's processes mention.
-    env["TMPDIR"] = str(tmp_path / "tmp")
-    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = private_tmp
 
     # When the demo runs with a high failure rate
     result = subprocess.run(
@@ -57,4 +59,5 @@ def test_demo_on_embedded_defaults(tmp_path):
     assert all("simulated cloud" in f["error"] or "runtime state" in f["error"] for f in summary["failures"])
     assert (tmp_path / "jobs.sqlite3").exists()
     # ... and its private Redis (and workers) are gone
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert _processes_mentioning(private_tmp) == []
+    shutil.rmtree(private_tmp, ignore_errors=True)

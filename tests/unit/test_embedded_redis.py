@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import redis
@@ -55,3 +56,11 @@ def test_server_dies_with_a_killed_parent():
 
     # Then its Redis server does not outlive it
     wait_for(lambda: not os.path.exists(f"/proc/{redis_pid}") or not _alive(redis_pid), timeout_s=20)
+
+
+def test_a_deep_tmpdir_does_not_break_the_socket(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with EmbeddedRedis() as url:
+        assert redis.Redis.from_url(url).ping()
