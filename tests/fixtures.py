@@ -29,16 +29,24 @@ class Recorder(Middleware):
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.processed: list[tuple[str, str, str | None, bool]] = []
+        #: (actor, args) of every processed message.
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
     def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
         with self.lock:
             self.processed.append(
                 (message.actor_name, message.queue_name, message.options.get("resource"), exception is None)
             )
+            self.calls.append((message.actor_name, tuple(message.args)))
 
     def reset(self) -> None:
         with self.lock:
             self.processed.clear()
+            self.calls.clear()
+
+    def count_call(self, actor_name: str, *args: Any) -> int:
+        """How many processed messages of ``actor_name`` had arguments starting with ``args``."""
+        return sum(1 for a, call_args in self.calls if a == actor_name and call_args[: len(args)] == args)
 
     def count(self, actor_name: str, resource: str | None = None) -> int:
         return sum(1 for a, _q, r, _ok in self.processed if a == actor_name and (resource is None or r == resource))
