@@ -7,13 +7,9 @@ import re
 from .errors import UnknownResourceType
 from .models import Resource, model_for_type
 
-__all__ = ["make_ref", "parse_ref"]
+__all__ = ["parse_ref"]
 
 _REF = re.compile(r"^(?P<type>[a-z][a-z0-9_]*):(?P<uuid>[0-9a-f]{32})$")
-
-
-def make_ref(resource: Resource) -> str:
-    return resource.ref
 
 
 def parse_ref(ref: str) -> tuple[type[Resource], str]:
