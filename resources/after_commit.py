@@ -14,7 +14,7 @@ from collections.abc import Callable
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
-__all__ = ["on_commit", "pending_callbacks"]
+__all__ = ["on_commit"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ _KEY = "after_commit_callbacks"
 Callback = Callable[[], None]
 
 
-def pending_callbacks(session: Session) -> list[tuple[SessionTransaction, Callback]]:
+def _pending(session: Session) -> list[tuple[SessionTransaction, Callback]]:
     return session.info.setdefault(_KEY, [])
 
 
@@ -34,7 +34,7 @@ def on_commit(session: Session, callback: Callback) -> None:
     transaction = session.get_nested_transaction() or session.get_transaction()
     if transaction is None:
         raise RuntimeError("on_commit needs a session inside a transaction; call it after session.begin()")
-    pending_callbacks(session).append((transaction, callback))
+    _pending(session).append((transaction, callback))
 
 
 def _descends_from(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
