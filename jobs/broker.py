@@ -23,7 +23,7 @@ from dramatiq.middleware import (
 )
 from periodiq import PeriodiqMiddleware
 
-from middleware import OperationTransitions
+from middleware import OperationTransitions, Throttle
 from resources.config import get_settings
 
 from . import queues
@@ -36,6 +36,7 @@ MIN_BACKOFF_MS = int(os.environ.get("JOBS_MIN_BACKOFF_MS", "1000"))
 
 
 def build_middleware() -> list[Middleware]:
+    throttle = Throttle()
     return [
         AgeLimit(),
         TimeLimit(),
@@ -44,8 +45,9 @@ def build_middleware() -> list[Middleware]:
         Pipelines(),
         CurrentMessage(),
         PeriodiqMiddleware(skip_delay=60),
+        throttle,
         # Before Retries, so its after-hook sees message.failed (hooks run in reverse order).
-        OperationTransitions(),
+        OperationTransitions(throttle=throttle),
         # Regular steps never retry on their own; polls retry explicitly.
         Retries(max_retries=0, min_backoff=MIN_BACKOFF_MS),
     ]
@@ -57,7 +59,11 @@ def build_broker() -> dramatiq.Broker:
         broker: dramatiq.Broker = StubBroker(middleware=build_middleware())
     else:
         broker = RedisBroker(
-            url=settings.broker_url, namespace=f"{settings.namespace}:dramatiq", middleware=build_middleware()
+            url=settings.broker_url,
+            namespace=f"{settings.namespace}:dramatiq",
+            middleware=build_middleware(),
+            heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
+            maintenance_chance=settings.broker_maintenance_chance,
         )
     for name in queues.ALL:
         broker.declare_queue(name)

@@ -25,6 +25,8 @@ class StepContext:
     #: 0 for the first attempt, n for the n-th retry.
     attempt: int
     callback: str | None = None
+    #: The throttle's grant number for the operation while this step runs (None: not throttled).
+    throttle_fence: int | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> StepContext:

@@ -24,11 +24,13 @@ __all__ = [
     "OPTION_NODE",
     "OPTION_OPERATION",
     "OPTION_RESOURCE",
+    "OPTION_THROTTLE",
     "Advance",
     "Composable",
     "Party",
     "PlanBuilder",
     "advance",
+    "ancestors",
     "message_of",
     "node_at",
     "start_paths",
@@ -41,6 +43,8 @@ OPTION_NODE = "plan_node"
 OPTION_RESOURCE = "resource"
 #: Set on callback messages that are not nodes of the plan ("failure").
 OPTION_CALLBACK = "operation_callback"
+#: On every step of a throttled operation: [[scope key, limit], ...], sorted by key.
+OPTION_THROTTLE = "throttle"
 
 Node = dict[str, Any]
 
@@ -72,6 +76,13 @@ class PlanBuilder:
         self.queue_name = queue_name
         self.parties: list[Party] = []
         self._current_party = 0
+        #: Throttle scopes of the whole operation: key -> limit (the strictest one asked for).
+        self.throttle: dict[str, int] = {}
+
+    def add_throttle(self, scopes: Iterable[tuple[str, int]]) -> None:
+        """The operation holds a slot in each scope from its first step to its end."""
+        for key, limit in scopes:
+            self.throttle[key] = min(limit, self.throttle.get(key, limit))
 
     def add_party(self, ref: str, executor: str) -> int:
         self.parties.append(Party(ref=ref, executor=executor))
@@ -128,9 +139,13 @@ class PlanBuilder:
 
     def finish(self, root: Node | None) -> dict[str, Any]:
         """The plan as stored: node paths stamped on every step message."""
+        throttle = [[key, self.throttle[key]] for key in sorted(self.throttle)]
         if root is not None:
             for path in step_paths(root):
-                node_at(root, path)["message"]["options"][OPTION_NODE] = path
+                options = node_at(root, path)["message"]["options"]
+                options[OPTION_NODE] = path
+                if throttle:
+                    options[OPTION_THROTTLE] = throttle
             for path, node in _walk(root, ""):
                 for party in node.get("parties", ()):
                     self.parties[party].path = path
@@ -139,6 +154,7 @@ class PlanBuilder:
         return {
             "root": root,
             "parties": [vars(p) for p in self.parties],
+            "throttle": throttle,
         }
 
 
@@ -189,6 +205,15 @@ def start_paths(node: Node, path: str) -> list[str]:
     if node["kind"] == "seq":
         return start_paths(node["children"][0], _join(path, 0))
     return [p for i, child in enumerate(node["children"]) for p in start_paths(child, _join(path, i))]
+
+
+def ancestors(path: str) -> list[str]:
+    """The paths of every node above ``path``, nearest first ("" last)."""
+    result = []
+    while path:
+        path, _ = _split(path)
+        result.append(path)
+    return result
 
 
 def step_paths(node: Node, path: str = "") -> list[str]:

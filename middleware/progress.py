@@ -9,7 +9,8 @@ other's completions, and the last one to finish is the only one that moves on.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from dramatiq import Message
 from sqlalchemy import select
@@ -18,9 +19,9 @@ from sqlalchemy.orm import Session
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.transitions import record_error
 
-from .plan import advance, message_of, start_paths
+from .plan import advance, ancestors, message_of, start_paths
 
-__all__ = ["Outgoing", "complete_step", "fail_operation", "first_steps", "skip_reason"]
+__all__ = ["Outgoing", "Progress", "StepCheck", "check_step", "complete_step", "fail_operation", "first_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,24 @@ def _outgoing(plan: dict, paths: list[str], extra_delay: int | None = None) -> l
     return result
 
 
+@dataclass(frozen=True)
+class Progress:
+    """What a step's outcome leads to: messages to send, and whether the operation just ended."""
+
+    outgoing: list[Outgoing]
+    ended: bool = False
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """Whether a delivered step may run. ``skip`` is why not; ``ended`` says its operation is over;
+    ``redrive`` are the steps its completion should have sent (a worker died before sending them)."""
+
+    skip: str | None = None
+    ended: bool = False
+    redrive: list[Outgoing] = field(default_factory=list)
+
+
 def first_steps(plan: dict, countdown_ms: int | None = None) -> list[Outgoing]:
     """The messages that start an operation (the countdown delays only these, as in Waldur)."""
     if plan["root"] is None:
@@ -59,46 +78,65 @@ def _done_paths(session: Session, operation_id: str) -> set[str]:
     return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
 
 
-def skip_reason(session: Session, operation_id: str, path: str | None) -> str | None:
-    """Why a step of this operation must not run now, or None if it may."""
-    status = session.scalar(select(Operation.status).where(Operation.id == operation_id))
-    if status is None:
-        return f"operation {operation_id} does not exist"
-    if status != OperationStatus.RUNNING:
-        return f"operation {operation_id} already {status}"
-    if path is not None and session.get(StepDone, (operation_id, path)) is not None:
-        return f"step {path} of operation {operation_id} already completed (duplicate delivery)"
-    return None
+def check_step(
+    session: Session, operation_id: str, path: str | None, followers_sent: Callable[[], bool] = lambda: True
+) -> StepCheck:
+    """May step ``path`` of this operation run now?
+
+    A step delivered again after it completed, whose followers were never marked as sent, means the
+    worker that ran it died between committing the completion and sending what follows: the followers
+    that have not completed are returned to send again.
+    """
+    operation = session.get(Operation, operation_id)
+    if operation is None:
+        return StepCheck(skip=f"operation {operation_id} does not exist", ended=True)
+    if operation.status != OperationStatus.RUNNING:
+        return StepCheck(skip=f"operation {operation_id} already {operation.status}", ended=True)
+    if path is None or session.get(StepDone, (operation_id, path)) is None:
+        return StepCheck()
+    duplicate = f"step {path} of operation {operation_id} already completed (duplicate delivery)"
+    if followers_sent():
+        return StepCheck(skip=duplicate)
+    done = _done_paths(session, operation_id)
+    before = done - {path, *ancestors(path)}
+    followers = [p for p in advance(operation.plan["root"], before, path).start if p not in done]
+    return StepCheck(skip=duplicate, redrive=_outgoing(operation.plan, followers))
 
 
-def complete_step(session: Session, operation_id: str, path: str) -> list[Outgoing]:
-    """Record step ``path`` as done and return what to enqueue next; [] for a duplicate completion."""
+def complete_step(session: Session, operation_id: str, path: str) -> Progress:
+    """Record step ``path`` as done and return what to enqueue next (nothing for a duplicate)."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
-        return []
+        return Progress([])
     done = _done_paths(session, operation_id)
     if path in done:
         logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
-        return []
+        return Progress([])
     step = advance(operation.plan["root"], done, path)
     session.add_all(StepDone(operation_id=operation_id, path=p) for p in step.completed)
     if step.finished:
         operation.status = OperationStatus.SUCCEEDED
         operation.finished_at = utcnow()
         logger.info("operation %s (%s) succeeded", operation_id, operation.executor)
-    return _outgoing(operation.plan, step.start)
+    return Progress(_outgoing(operation.plan, step.start), ended=step.finished)
 
 
 def fail_operation(
-    session: Session, operation_id: str, step_name: str, error_message: str, error_traceback: str
-) -> list[Outgoing]:
-    """Fail the operation once: store the error on it and on every resource whose part did not finish,
-    and return the failure callbacks to enqueue. A second call (another member of a group failing, a
-    duplicate delivery) finds the operation no longer running and returns []."""
+    session: Session,
+    operation_id: str,
+    step_name: str,
+    error_message: str,
+    error_traceback: str,
+    *,
+    status: str = OperationStatus.FAILED,
+) -> Progress:
+    """Fail (or cancel) the operation once: store the error on it and on every resource whose part did
+    not finish, and return the failure callbacks to enqueue. A second call (another member of a group
+    failing, a duplicate delivery) finds the operation no longer running: nothing to do, not ended."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
-        return []
-    operation.status = OperationStatus.FAILED
+        return Progress([])
+    operation.status = status
     operation.finished_at = utcnow()
     operation.failed_step = step_name[:200]
     operation.error_message = error_message
@@ -110,5 +148,5 @@ def fail_operation(
             continue  # this resource's part finished before the failure
         record_error(session, party["ref"], operation_id, error_message, error_traceback)
         callbacks.extend(Outgoing(Message(**m)) for m in party["on_failure"])
-    logger.warning("operation %s (%s) failed at %s: %s", operation_id, operation.executor, step_name, error_message)
-    return callbacks
+    logger.warning("operation %s (%s) %s at %s: %s", operation_id, operation.executor, status, step_name, error_message)
+    return Progress(callbacks, ended=True)

@@ -1,5 +1,5 @@
 """Operation transitions: move an operation along its plan as its steps succeed, and fail it once when
-a step fails for good.
+a step fails for good; gate every step through the throttle.
 
 Must sit *before* Retries in the middleware list: ``after_*`` hooks run in reverse order, so ours then
 runs after Retries has decided, and ``message.failed`` tells a final failure from an attempt that will
@@ -8,6 +8,7 @@ be retried (Dramatiq has no "failed for good" hook; Callbacks' ``on_failure`` fi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from collections.abc import Callable, Iterable
@@ -23,7 +24,9 @@ from resources.db import session_scope
 
 from .context import StepContext, set_step_context
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION
-from .progress import Outgoing, complete_step, fail_operation, skip_reason
+from .progress import Outgoing, Progress, check_step, complete_step, fail_operation
+from .sent import SentMarks
+from .throttle import Throttle
 
 __all__ = ["OperationTransitions", "describe_error", "enqueue_all"]
 
@@ -42,10 +45,18 @@ def enqueue_all(broker: dramatiq.Broker, outgoing: Iterable[Outgoing]) -> None:
 
 class OperationTransitions(Middleware):
     """Runs each operation's plan: next steps on success, failure callbacks once on final failure,
-    and no step of an operation that has already ended."""
+    no step of an operation that has already ended, and no step of a throttled operation without its
+    slot."""
 
-    def __init__(self, sessions: Callable[[], AbstractContextManager[Session]] = session_scope) -> None:
+    def __init__(
+        self,
+        sessions: Callable[[], AbstractContextManager[Session]] = session_scope,
+        throttle: Throttle | None = None,
+        sent: SentMarks | None = None,
+    ) -> None:
         self.sessions = sessions
+        self.throttle = throttle
+        self.sent = sent or SentMarks()
 
     @staticmethod
     def _is_step(message: Message[Any]) -> bool:
@@ -53,14 +64,22 @@ class OperationTransitions(Middleware):
         return OPTION_OPERATION in options and OPTION_NODE in options and OPTION_CALLBACK not in options
 
     def before_process_message(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
-        set_step_context(StepContext.from_options(message.options))
+        context = StepContext.from_options(message.options)
+        set_step_context(context)
         if not self._is_step(message):
             return
+        operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
         with self.sessions() as session:
-            reason = skip_reason(session, message.options[OPTION_OPERATION], message.options[OPTION_NODE])
-        if reason is not None:
-            logger.info("skipping %s: %s", message, reason)
-            raise SkipMessage(reason)
+            check = check_step(session, operation_id, path, lambda: self.sent.is_marked(operation_id, path))
+        if check.ended and self.throttle is not None:
+            self.throttle.release(broker, operation_id)  # a no-op, unless a crash skipped the release
+        enqueue_all(broker, check.redrive)
+        if check.skip is not None:
+            logger.info("skipping %s: %s", message, check.skip)
+            raise SkipMessage(check.skip)
+        if self.throttle is not None:
+            fence = self.throttle.before_step(broker, message)
+            set_step_context(dataclasses.replace(context, throttle_fence=fence))
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
         set_step_context(None)
@@ -83,16 +102,21 @@ class OperationTransitions(Middleware):
                     describe_error(exception),
                 )
             return
-        operation_id = message.options[OPTION_OPERATION]
+        operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
         if exception is None:
             with self.sessions() as session:
-                outgoing = complete_step(session, operation_id, message.options[OPTION_NODE])
+                progress = complete_step(session, operation_id, path)
         elif message.failed:
             error_traceback = "".join(traceback.format_exception(exception))
             with self.sessions() as session:
-                outgoing = fail_operation(
+                progress = fail_operation(
                     session, operation_id, message.actor_name, describe_error(exception), error_traceback
                 )
         else:
-            return  # Retries will deliver it again; not a failure yet.
-        enqueue_all(broker, outgoing)
+            progress = Progress([])  # Retries will deliver it again; not a failure yet.
+        if self.throttle is not None:
+            # Before sending: the next step must find the lease already in its between-steps form.
+            self.throttle.after_step(broker, message, ended=progress.ended)
+        enqueue_all(broker, progress.outgoing)
+        if exception is None and progress.outgoing:
+            self.sent.mark(operation_id, path)

@@ -39,6 +39,24 @@ class Settings:
     step_time_limit_s: float
     #: Limit of one poll attempt, seconds: one poll only asks the backend once.
     poll_time_limit_s: float
+    #: The per-scope throttle ("off" turns it off everywhere, e.g. to measure its overhead).
+    throttle_enabled: bool
+    #: Concurrent operations per throttle scope when neither the executor nor the scope's service
+    #: settings say otherwise (Waldur's default: 4).
+    throttle_default_limit: int
+    #: Lease of an operation whose step is running, renewed by the worker's heartbeat; a killed
+    #: worker's slot is reclaimed this long after its last renewal.
+    throttle_lease_s: float
+    #: How often each worker renews its leases and reaps expired ones.
+    throttle_heartbeat_s: float
+    #: How long a slot handed to a waiting operation stays reserved for its first step before the
+    #: hand-off is sent again (covers a crash between the hand-off and sending its message).
+    throttle_handoff_timeout_s: float
+    #: RedisBroker: a worker silent this long is dead and its unacknowledged messages are put back
+    #: (Dramatiq's default: 60 s) ...
+    broker_heartbeat_timeout_ms: int
+    #: ... checked on this many Redis calls out of a million (Dramatiq's default: 1000).
+    broker_maintenance_chance: int
 
     @property
     def broker_url(self) -> str:
@@ -60,6 +78,18 @@ def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
     return value
 
 
+def _env_switch(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a switch; set it to on or off")
+
+
 def normalise_database_url(url: str) -> str:
     """PaaS providers hand out ``postgres://`` URLs; SQLAlchemy wants a dialect+driver name."""
     for prefix in ("postgres://", "postgresql://"):
@@ -71,7 +101,7 @@ def normalise_database_url(url: str) -> str:
 def get_settings() -> Settings:
     data_dir = Path(os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
     database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
-    return Settings(
+    settings = Settings(
         redis_url=os.environ.get("REDIS_URL") or None,
         database_url=normalise_database_url(database_url),
         data_dir=data_dir,
@@ -81,4 +111,18 @@ def get_settings() -> Settings:
         poll_check_attempts=_env_number("JOBS_POLL_CHECK_ATTEMPTS", 600, int),
         step_time_limit_s=_env_number("JOBS_STEP_TIME_LIMIT_S", 600.0, float),
         poll_time_limit_s=_env_number("JOBS_POLL_TIME_LIMIT_S", 60.0, float),
+        throttle_enabled=_env_switch("JOBS_THROTTLE", True),
+        throttle_default_limit=_env_number("JOBS_THROTTLE_DEFAULT_LIMIT", 4, int),
+        throttle_lease_s=_env_number("JOBS_THROTTLE_LEASE_S", 10.0, float),
+        throttle_heartbeat_s=_env_number("JOBS_THROTTLE_HEARTBEAT_S", 2.0, float),
+        throttle_handoff_timeout_s=_env_number("JOBS_THROTTLE_HANDOFF_TIMEOUT_S", 60.0, float),
+        broker_heartbeat_timeout_ms=_env_number("JOBS_BROKER_HEARTBEAT_TIMEOUT_MS", 60_000, int),
+        broker_maintenance_chance=_env_number("JOBS_BROKER_MAINTENANCE_CHANCE", 1000, int),
     )
+    if settings.throttle_heartbeat_s >= settings.throttle_lease_s:
+        raise ConfigurationError(
+            f"JOBS_THROTTLE_HEARTBEAT_S={settings.throttle_heartbeat_s} must be shorter than "
+            f"JOBS_THROTTLE_LEASE_S={settings.throttle_lease_s}, or leases expire between renewals; "
+            "keep the heartbeat at most a third of the lease"
+        )
+    return settings

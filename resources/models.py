@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 
 from sqlalchemy import JSON, Enum, ForeignKey, Integer, String, Text, func, inspect
-from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship, validates
 
 from .errors import UnknownResourceType
+from .limits import validate_limit
 from .states import State
 
 __all__ = [
@@ -53,6 +54,14 @@ class ServiceSettings(Base):
     backend: Mapped[str] = mapped_column(String(50), default="simulated")
     #: Free-form options, e.g. {"max_concurrent_provision_instance": 4}.
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    @validates("options")
+    def _check_limits(self, _key: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+        # A bad limit is refused when it is configured, not found by a worker mid-run.
+        for name, value in (options or {}).items():
+            if name.startswith("max_concurrent_"):
+                validate_limit(value, what=f"option {name} of service settings {self.name!r}")
+        return options
 
 
 _RESOURCE_TYPES: dict[str, type[Resource]] = {}
@@ -161,6 +170,7 @@ class OperationStatus:
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Operation(Base):

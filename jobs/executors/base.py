@@ -8,6 +8,7 @@ good. ``execute`` records the operation and sends its first messages after the c
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,8 +16,9 @@ import dramatiq
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
-from middleware import PlanBuilder, enqueue_all, first_steps
+from middleware import PlanBuilder, ThrottleScope, fail_operation, find_throttle, first_steps, send_first_steps
 from middleware.plan import Node
+from middleware.transitions import enqueue_all
 from resources.after_commit import on_commit
 from resources.db import get_sessionmaker, join_session, session_scope
 from resources.errors import JobsError
@@ -45,6 +47,21 @@ class OperationHandle:
     def status(self) -> str:
         with session_scope() as session:
             return session.scalars(select(Operation.status).where(Operation.id == self.id)).one()
+
+    def cancel(self, reason: str = "cancelled") -> bool:
+        """End the operation now: no further step runs, its failure callbacks run (the resource goes to
+        ERRED with ``reason``), and its throttle slot, or its place in line, is released. Returns False
+        if it had already ended."""
+        broker = dramatiq.get_broker()
+        with session_scope() as session:
+            progress = fail_operation(session, self.id, "cancel", reason, "", status=OperationStatus.CANCELLED)
+        if not progress.ended:
+            return False
+        throttle = find_throttle(broker)
+        if throttle is not None:
+            throttle.release(broker, self.id)
+        enqueue_all(broker, progress.outgoing)
+        return True
 
     def wait(self, timeout: float = 60.0, interval: float = 0.05) -> Operation:
         """Block until the operation has ended; return its row. For scripts and tests."""
@@ -107,6 +124,11 @@ class BaseExecutor:
     def get_failure_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
         return None
 
+    @classmethod
+    def throttle_scopes(cls, instance: Resource, **kwargs: Any) -> Sequence[ThrottleScope]:
+        """Scopes the operation holds a slot in from its first step to its end; none by default."""
+        return ()
+
     # -- composition -----------------------------------------------------------------------------
     @classmethod
     def executor_name(cls) -> str:
@@ -120,6 +142,7 @@ class BaseExecutor:
     @classmethod
     def _build(cls, builder: OperationBuilder, instance: Resource, kwargs: dict[str, Any]) -> Node | None:
         party = builder.add_party(instance.ref, cls.executor_name())
+        builder.add_throttle((scope.key, scope.limit) for scope in cls.throttle_scopes(instance, **kwargs))
         cls.pre_apply(instance, session=builder.session, operation_id=builder.operation_id, **kwargs)
         serialized = instance.ref
         work = [
@@ -176,7 +199,7 @@ class BaseExecutor:
             countdown_ms = int(countdown * 1000) if countdown else None
             outgoing = first_steps(plan, countdown_ms if is_async else None)
             if is_async:
-                on_commit(session, lambda: enqueue_all(dramatiq.get_broker(), outgoing))
+                on_commit(session, lambda: send_first_steps(dramatiq.get_broker(), operation_id, plan, outgoing))
             else:
                 _run_in_transaction(session, operation_id, outgoing, commit_on_failure=own_session)
             if own_session:

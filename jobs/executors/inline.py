@@ -35,13 +35,13 @@ def run_inline(broker: dramatiq.Broker, operation_id: str, outgoing: Iterable[Ou
         error = _run_with_retries(broker, message)
         if error is None:
             with session_scope() as session:
-                pending.extend(complete_step(session, operation_id, message.options[OPTION_NODE]))
+                pending.extend(complete_step(session, operation_id, message.options[OPTION_NODE]).outgoing)
             continue
         error_traceback = "".join(traceback.format_exception(error))
         with session_scope() as session:
             callbacks = fail_operation(
                 session, operation_id, message.actor_name, describe_error(error), error_traceback
-            )
+            ).outgoing
         for callback in callbacks:
             callback_error = _run_with_retries(broker, callback.message)
             if callback_error is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from middleware import ThrottleScope
 from resources.changes import store_changes
 from resources.models import Resource
 from resources.states import State
@@ -13,6 +15,7 @@ from resources.transitions import apply_transition, claim_for_operation
 
 from ..actors import delete_resource, error_state_transition, state_transition
 from .base import BaseExecutor, Signature
+from .throttling import provisioning_scope
 
 __all__ = ["ActionExecutor", "CreateExecutor", "DeleteExecutor", "UpdateExecutor"]
 
@@ -30,7 +33,15 @@ class _OkOrErredExecutor(BaseExecutor):
 
 
 class CreateExecutor(_OkOrErredExecutor):
-    """New rows start in CREATION_SCHEDULED; the work should begin with ``begin_creating``."""
+    """New rows start in CREATION_SCHEDULED; the work should begin with ``begin_creating``.
+
+    Throttled per resource type and service settings (see ``provisioning_scope``); override
+    ``throttle_scopes`` to throttle differently, or return () not to.
+    """
+
+    @classmethod
+    def throttle_scopes(cls, instance: Resource, **kwargs: Any) -> Sequence[ThrottleScope]:
+        return [provisioning_scope(instance)]
 
     @classmethod
     def pre_apply(cls, instance: Resource, *, session: Session, operation_id: str, **kwargs: Any) -> None:

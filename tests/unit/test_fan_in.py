@@ -70,5 +70,5 @@ def test_completing_the_same_step_twice_moves_on_once(stub_broker):
         second = complete_step(session, handle.id, path)
 
     # Then only the first moves the operation on
-    assert len(first) == 1
-    assert second == []
+    assert len(first.outgoing) == 1
+    assert second.outgoing == []

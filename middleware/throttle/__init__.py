@@ -1,0 +1,21 @@
+"""Per-scope concurrency throttle spanning whole operations (see ``middleware.py``)."""
+
+from .middleware import Throttle, ThrottleUnavailable, find_throttle, scopes_of, send_first_steps
+from .scopes import ThrottleScope, merge_scopes
+from .store import Admission, Explanation, Handoff, Holder, ThrottleStore, Waiter
+
+__all__ = [
+    "Admission",
+    "Explanation",
+    "Handoff",
+    "Holder",
+    "Throttle",
+    "ThrottleScope",
+    "ThrottleStore",
+    "ThrottleUnavailable",
+    "Waiter",
+    "find_throttle",
+    "merge_scopes",
+    "scopes_of",
+    "send_first_steps",
+]

@@ -1,0 +1,212 @@
+"""The throttle middleware: at most N operations at once per scope, each holding its slot from its first
+step to its end, across every worker process.
+
+The producer admits or parks an operation when it sends the first steps (:meth:`Throttle.submit`); the
+worker checks the operation still holds before every step (:meth:`before_step`: a step whose operation
+lost its slot re-acquires first) and releases at the terminal state, handing the slot to the next waiter
+in the same script (:meth:`release`). ``OperationTransitions`` calls these at the right moments: only it
+knows when a step is a duplicate or an operation has ended.
+
+A heartbeat thread per worker process renews the leases of operations whose steps run here (a busy step
+thread cannot starve it) and reaps expired ones: a killed worker's slots are reclaimed, a hand-off whose
+message was lost in a crash is sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import dramatiq
+from dramatiq import Message
+from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
+
+from resources.config import Settings, get_settings
+from resources.redis_client import get_redis
+
+from ..plan import OPTION_OPERATION, OPTION_THROTTLE
+from ..progress import Outgoing
+from .scopes import ThrottleScope
+from .store import Handoff, ThrottleStore
+
+__all__ = ["Throttle", "ThrottleUnavailable", "find_throttle", "scopes_of", "send_first_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+class ThrottleUnavailable(MiddlewareError):
+    """The throttle could not be asked (Redis unreachable). The step does not run unthrottled."""
+
+
+def scopes_of(options: dict[str, Any]) -> list[ThrottleScope]:
+    return [ThrottleScope(key, int(limit)) for key, limit in options.get(OPTION_THROTTLE) or ()]
+
+
+def find_throttle(broker: dramatiq.Broker) -> Throttle | None:
+    return next((m for m in broker.middleware if isinstance(m, Throttle)), None)
+
+
+def send_first_steps(broker: dramatiq.Broker, operation_id: str, plan: dict[str, Any], outgoing: list[Outgoing]) -> str:
+    """Send an operation's first steps, through the broker's throttle when the operation is throttled.
+    Returns "granted" (sent), "parked" (sent when its turn comes) or "held"/"done" (sent before)."""
+    throttle = find_throttle(broker)
+    scopes = [ThrottleScope(key, int(limit)) for key, limit in plan.get("throttle") or ()]
+    if throttle is None:
+        _send_all(broker, outgoing)
+        return "granted"
+    return throttle.submit(broker, operation_id, scopes, outgoing)
+
+
+def _encoded(message: Message[Any]) -> str:
+    return message.encode().decode()
+
+
+class Throttle(Middleware):
+    def __init__(self, settings: Settings | None = None, *, store: ThrottleStore | None = None) -> None:
+        settings = settings or get_settings()
+        self.enabled = settings.throttle_enabled
+        self.heartbeat_s = settings.throttle_heartbeat_s
+        self._settings = settings
+        self._store = store
+        self._lock = threading.Lock()
+        #: Steps running in this process, per operation: the leases the heartbeat renews.
+        self._running: Counter[str] = Counter()
+        self._heartbeat: _Heartbeat | None = None
+
+    @property
+    def store(self) -> ThrottleStore:
+        if self._store is None:  # lazily: the CLI may start an embedded Redis after import
+            settings = self._settings
+            self._store = ThrottleStore(
+                get_redis(settings.redis_url),
+                f"{settings.namespace}:throttle",
+                lease_ms=int(settings.throttle_lease_s * 1000),
+                handoff_timeout_ms=int(settings.throttle_handoff_timeout_s * 1000),
+            )
+        return self._store
+
+    # -- producer side ---------------------------------------------------------------------------
+    def submit(
+        self, broker: dramatiq.Broker, operation_id: str, scopes: list[ThrottleScope], outgoing: list[Outgoing]
+    ) -> str:
+        """Send the operation's first steps if it is admitted; otherwise park them until its turn.
+        Returns the admission status."""
+        if not self.enabled or not scopes:
+            _send_all(broker, outgoing)
+            return "granted"
+        admission = self.store.acquire(
+            operation_id,
+            scopes,
+            start=False,
+            messages=[(item.delay or 0, _encoded(item.message)) for item in outgoing],
+        )
+        self.send(broker, admission.handoffs)
+        if admission.status == "granted":
+            _send_all(broker, outgoing)
+        elif admission.status == "parked":
+            logger.info("operation %s waits for a slot in %s", operation_id, ", ".join(s.key for s in scopes))
+        return admission.status
+
+    # -- worker side -----------------------------------------------------------------------------
+    def before_step(self, broker: dramatiq.Broker, message: Message[Any]) -> int | None:
+        """Admit this step of its operation; park it (SkipMessage) when the operation must wait.
+        Returns the operation's grant number, or None when it is not throttled."""
+        scopes = scopes_of(message.options)
+        if not self.enabled or not scopes:
+            return None
+        operation_id = message.options[OPTION_OPERATION]
+        try:
+            admission = self.store.acquire(
+                operation_id, scopes, start=True, messages=[(0, _encoded(message))], limits_are_current=False
+            )
+        except Exception as error:
+            raise ThrottleUnavailable(f"throttle check of operation {operation_id} failed: {error}") from error
+        self.send(broker, admission.handoffs)
+        if admission.status == "done":
+            raise SkipMessage(f"operation {operation_id} has already released its throttle slot")
+        if admission.status == "parked":
+            logger.info("operation %s lost its slot or waits for one; step parked", operation_id)
+            raise SkipMessage(f"operation {operation_id} waits for a throttle slot")
+        with self._lock:
+            self._running[operation_id] += 1
+        return admission.fence
+
+    def after_step(self, broker: dramatiq.Broker, message: Message[Any], *, ended: bool) -> None:
+        """The step is over. At the operation's end, release and hand on; otherwise, once no step of it
+        runs here, its lease stops expiring: its next step is safe in the broker."""
+        if not self.enabled or not message.options.get(OPTION_THROTTLE):
+            return
+        operation_id = message.options[OPTION_OPERATION]
+        with self._lock:
+            self._running[operation_id] -= 1
+            idle = self._running[operation_id] <= 0
+            if idle:
+                del self._running[operation_id]
+        if ended:
+            self.release(broker, operation_id)
+        elif idle:
+            self.store.mark_queued([operation_id])
+
+    def release(self, broker: dramatiq.Broker, operation_id: str) -> None:
+        """End the operation's hold and send the next waiters' first steps. Idempotent."""
+        if self.enabled:
+            self.send(broker, self.store.release(operation_id))
+
+    def send(self, broker: dramatiq.Broker, handoffs: Iterable[Handoff]) -> None:
+        for handoff in handoffs:
+            for delay, encoded in handoff.messages:
+                broker.enqueue(Message.decode(encoded.encode()), delay=delay or None)
+
+    def running_operations(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    # -- the heartbeat ---------------------------------------------------------------------------
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if self.enabled:
+            self._heartbeat = _Heartbeat(self, broker)
+            self._heartbeat.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+
+    def beat(self, broker: dramatiq.Broker) -> None:
+        """One heartbeat: renew this process's leases, reap expired ones everywhere."""
+        lost = self.store.renew(self.running_operations())
+        for operation_id in lost:
+            logger.warning("operation %s lost its throttle slot while a step ran here", operation_id)
+        redrives, handoffs = self.store.reap()
+        for handoff in redrives:
+            logger.warning(
+                "re-sending the hand-off to operation %s (its first step never started)", handoff.operation_id
+            )
+        self.send(broker, [*redrives, *handoffs])
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, throttle: Throttle, broker: dramatiq.Broker) -> None:
+        super().__init__(name="throttle-heartbeat", daemon=True)
+        self.throttle = throttle
+        self.broker = broker
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.throttle.heartbeat_s):
+            try:
+                self.throttle.beat(self.broker)
+            except Exception:
+                logger.exception("throttle heartbeat failed; trying again in %s s", self.throttle.heartbeat_s)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+
+
+def _send_all(broker: dramatiq.Broker, outgoing: Iterable[Outgoing]) -> None:
+    for item in outgoing:
+        broker.enqueue(item.message, delay=item.delay)

@@ -1,0 +1,216 @@
+"""The throttle's state in Redis, behind a small typed API over its Lua scripts.
+
+Every change is one script, so each is atomic: admission, release with hand-off, lease renewal, reaping.
+The scripts read the server's clock; tests pass ``now_ms`` instead. Scripts are loaded once per process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources as package_files
+from typing import Any, Literal
+
+import redis
+
+from .scopes import ThrottleScope
+
+__all__ = ["Admission", "Explanation", "Handoff", "Holder", "ThrottleStore", "Waiter"]
+
+Status = Literal["granted", "held", "parked", "done"]
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """An operation that was just given its slots: send ``messages`` (delay ms, encoded message)."""
+
+    operation_id: str
+    fence: int
+    messages: list[tuple[int, str]]
+
+
+@dataclass(frozen=True)
+class Admission:
+    status: Status
+    #: The grant number: it grows with every grant, so a step can tell whether its operation was
+    #: re-admitted since (0 when not holding).
+    fence: int
+    #: Waiters admitted as a side effect (a raised limit); the caller sends their messages.
+    handoffs: list[Handoff] = field(default_factory=list)
+
+    @property
+    def admitted(self) -> bool:
+        return self.status in ("granted", "held")
+
+
+@dataclass(frozen=True)
+class Holder:
+    operation_id: str
+    state: str
+    fence: int
+    since_ms: int
+    #: None while the operation's next step waits in the broker (no expiry then).
+    lease_expires_ms: int | None
+
+
+@dataclass(frozen=True)
+class Waiter:
+    operation_id: str
+    position: int
+    waiting_since_ms: int
+
+
+@dataclass(frozen=True)
+class Explanation:
+    scope: str
+    limit: int | None
+    holders: list[Holder]
+    waiters: list[Waiter]
+    #: All waiters, even when ``waiters`` shows only the first few.
+    waiting: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "limit": self.limit,
+            "holders": [vars(h) for h in self.holders],
+            "waiters": [vars(w) for w in self.waiters],
+            "waiting": self.waiting,
+        }
+
+
+@cache
+def _script_source(name: str) -> str:
+    folder = package_files.files(__package__).joinpath("lua")
+    return folder.joinpath("common.lua").read_text() + "\n" + folder.joinpath(f"{name}.lua").read_text()
+
+
+def _expiry(score: float) -> int | None:
+    return None if score == float("inf") else int(score)
+
+
+def _list(value: Any) -> list[Any]:
+    # cjson encodes an empty Lua table as {}.
+    return value if isinstance(value, list) else []
+
+
+def _handoffs(raw: Any) -> list[Handoff]:
+    result = []
+    for op, fence, messages in _list(raw):
+        parsed = []
+        for item in _list(messages):
+            delay, _, encoded = item.partition("|")
+            parsed.append((int(delay), encoded))
+        result.append(Handoff(op, int(fence), parsed))
+    return result
+
+
+class ThrottleStore:
+    """Scopes, holders and waiters under ``prefix`` in one Redis database."""
+
+    def __init__(self, client: redis.Redis, prefix: str, *, lease_ms: int, handoff_timeout_ms: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.lease_ms = lease_ms
+        self.handoff_timeout_ms = handoff_timeout_ms
+        self._scripts = {
+            name: client.register_script(_script_source(name))
+            for name in ("acquire", "release", "lease", "reap", "set_limit")
+        }
+
+    def _run(self, name: str, now_ms: int | None, *args: Any) -> Any:
+        clock = "" if now_ms is None else str(now_ms)
+        return json.loads(self._scripts[name](args=[self.prefix, clock, *args]))
+
+    # -- the operation's life --------------------------------------------------------------------
+    def acquire(
+        self,
+        operation_id: str,
+        scopes: list[ThrottleScope],
+        *,
+        start: bool,
+        messages: list[tuple[int, str]] = (),  # type: ignore[assignment]
+        limits_are_current: bool = True,
+        now_ms: int | None = None,
+    ) -> Admission:
+        """Admit the operation or park it (with ``messages``, sent when it is granted).
+
+        ``start=True``: a worker is about to run one of its steps; a grant holds at once. Otherwise the
+        producer is about to send the first steps itself: the grant is reserved until one starts, and
+        ``messages`` are kept so a send lost in a crash can be re-driven. ``limits_are_current=False``
+        (a worker re-acquiring with limits stamped on an old message) keeps the stored limits.
+        """
+        status, fence, handoffs = self._run(
+            "acquire",
+            now_ms,
+            operation_id,
+            "start" if start else "submit",
+            self.lease_ms,
+            self.handoff_timeout_ms,
+            json.dumps([[s.key, s.limit] for s in scopes]),
+            "set" if limits_are_current else "keep",
+            json.dumps([[int(d), m] for d, m in messages]),
+        )
+        return Admission(status, int(fence), _handoffs(handoffs))
+
+    def release(self, operation_id: str, *, now_ms: int | None = None) -> list[Handoff]:
+        """End the operation's hold (or wait) and hand its slots on. A second release is a no-op."""
+        _status, handoffs = self._run("release", now_ms, operation_id, self.handoff_timeout_ms)
+        return _handoffs(handoffs)
+
+    def renew(self, operation_ids: list[str], *, now_ms: int | None = None) -> list[str]:
+        """Steps of these operations are running: extend their leases. Returns those that lost theirs."""
+        if not operation_ids:
+            return []
+        return _list(self._run("lease", now_ms, "run", self.lease_ms, json.dumps(operation_ids)))
+
+    def mark_queued(self, operation_ids: list[str], *, now_ms: int | None = None) -> list[str]:
+        """Their next steps are in the broker (at-least-once): no expiry until one starts."""
+        if not operation_ids:
+            return []
+        return _list(self._run("lease", now_ms, "queued", self.lease_ms, json.dumps(operation_ids)))
+
+    def reap(self, *, batch: int = 100, now_ms: int | None = None) -> tuple[list[Handoff], list[Handoff]]:
+        """Act on expired leases: returns (hand-offs to send again, new hand-offs of reclaimed slots)."""
+        redrives, handoffs = self._run("reap", now_ms, self.handoff_timeout_ms, batch)
+        return _handoffs(redrives), _handoffs(handoffs)
+
+    def set_limit(self, scope: ThrottleScope, *, now_ms: int | None = None) -> list[Handoff]:
+        return _handoffs(self._run("set_limit", now_ms, scope.key, scope.limit, self.handoff_timeout_ms))
+
+    # -- looking -----------------------------------------------------------------------------------
+    def explain(self, scope: str, *, max_waiters: int = 100) -> Explanation:
+        """The scope's limit, holders (operation, since, lease expiry) and first waiters."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hget(f"{self.prefix}:limits", scope)
+        pipe.zrange(f"{self.prefix}:holders:{scope}", 0, -1, withscores=True)
+        pipe.zrange(f"{self.prefix}:waiters:{scope}", 0, max_waiters - 1)
+        pipe.zcard(f"{self.prefix}:waiters:{scope}")
+        limit, holders, waiters, waiting = pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        for op, _expiry in holders:
+            pipe.hmget(f"{self.prefix}:op:{op}", "state", "fence", "granted_at")
+        for op in waiters:
+            pipe.hget(f"{self.prefix}:op:{op}", "waiting_since")
+        details = pipe.execute()
+        holder_rows = [
+            Holder(
+                op, state or "?", int(fence or 0), int(granted or 0), None if expiry == float("inf") else int(expiry)
+            )
+            for (op, expiry), (state, fence, granted) in zip(holders, details[: len(holders)], strict=True)
+        ]
+        waiter_rows = [
+            Waiter(op, position, int(since or 0))
+            for position, (op, since) in enumerate(zip(waiters, details[len(holders) :], strict=True))
+        ]
+        return Explanation(scope, int(limit) if limit else None, holder_rows, waiter_rows, int(waiting))
+
+    def scopes(self) -> list[str]:
+        return sorted(self.client.smembers(f"{self.prefix}:scopes"))
+
+    def state_of(self, operation_id: str) -> str | None:
+        return self.client.hget(f"{self.prefix}:op:{operation_id}", "state")
+
+    def stats(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.client.hgetall(f"{self.prefix}:stats").items()}
