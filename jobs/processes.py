@@ -15,6 +15,9 @@ __all__ = ["ManagedProcess", "start_process", "start_scheduler", "start_worker"]
 
 #: How long a worker gets to finish its in-flight steps after SIGTERM before it is killed, seconds.
 STOP_TIMEOUT_S = 30
+#: How often an idle worker looks for new messages, ms (Dramatiq's ``dramatiq_worker_timeout``; its
+#: default, 1 s, would delay a throttle hand-off to a waiting operation by up to a second).
+IDLE_POLL_MS = 10
 
 
 @dataclass
@@ -70,12 +73,13 @@ def start_worker(
     processes: int = 1,
     threads: int = 4,
     module: str = "jobs.app",
+    extra_modules: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
     prefetch: int | None = None,
 ) -> ManagedProcess:
-    """``dramatiq <module> --queues …``, as the Procfile's worker processes run it."""
-    environment = dict(env or {})
+    """``dramatiq <module> [extra modules] --queues …``, as the Procfile's worker processes run it."""
+    environment = {"dramatiq_worker_timeout": str(IDLE_POLL_MS), **(env or {})}
     if prefetch is not None:
         # Dramatiq's own knob: without it a busy one-thread worker holds the next message in memory.
         environment["dramatiq_queue_prefetch"] = str(prefetch)
@@ -84,6 +88,7 @@ def start_worker(
         "-m",
         "dramatiq",
         module,
+        *extra_modules,
         "--processes",
         str(processes),
         "--threads",
