@@ -1,6 +1,9 @@
 """An independent auditor: every step start and end goes to a Redis stream, stamped by the server.
 
-It does not read the throttle's data. From the stream alone it rebuilds, per scope, when each operation
+``AuditMiddleware`` records them in the worker, around the actor: "start" once every check before the
+step has let it run, "end" (or "fail" for an attempt that will be retried) as soon as the actor's outcome
+is known, before the operation's progress is recorded and anything is released. The auditor does not read
+the throttle's data. From the stream alone it rebuilds, per scope, when each operation
 was active (from its first step's start to its last step's end) and counts how many were active at every
 instant. A worker killed by a test harness can write nothing more, so the harness appends a ``kill``
 event for it: an operation whose step was running in that process is inactive from then until one of
@@ -12,12 +15,30 @@ Stream order is the order the server received events in, so "A ended before B st
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
+from dramatiq.middleware import Middleware
 
-__all__ = ["AuditLog", "Event", "ScopeTimeline", "audit", "read_events"]
+from middleware.plan import OPTION_OPERATION, OPTION_RESOURCE
+from resources.redis_client import get_redis
+
+__all__ = [
+    "OPTION_AUDIT_LAST",
+    "OPTION_AUDIT_STREAM",
+    "AuditLog",
+    "AuditMiddleware",
+    "Event",
+    "ScopeTimeline",
+    "audit",
+    "read_events",
+]
+
+#: Message options of audited steps: the stream to write to, and whether the step is its operation's last.
+OPTION_AUDIT_STREAM = "audit_stream"
+OPTION_AUDIT_LAST = "audit_last"
 
 _RECORD = """
 local t = redis.call('TIME')
@@ -34,10 +55,44 @@ class AuditLog:
         self._record = client.register_script(_RECORD)
 
     def record(self, kind: str, **fields: object) -> None:
-        args: list[object] = ["kind", kind, "pid", fields.pop("pid", os.getpid())]
+        # The worker's process group: a harness kills whole groups (the dramatiq master and its workers).
+        args: list[object] = ["kind", kind, "pid", fields.pop("pid", os.getpgrp())]
         for name, value in fields.items():
             args += [name, "" if value is None else value]
         self._record(keys=[self.stream], args=args)
+
+
+class AuditMiddleware(Middleware):
+    """Writes the start and end of every audited step. Sits right after ``OperationTransitions`` in the
+    middleware list: its before-hook runs after every admission check, its after-hook before any release."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, AuditLog] = {}
+
+    def _log(self, stream: str) -> AuditLog:
+        if stream not in self._logs:
+            self._logs[stream] = AuditLog(get_redis(), stream)
+        return self._logs[stream]
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        stream = message.options.get(OPTION_AUDIT_STREAM)
+        if stream:
+            self._log(stream).record("start", **_identity(message), attempt=message.options.get("retries", 0))
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
+        stream = message.options.get(OPTION_AUDIT_STREAM)
+        if not stream:
+            return
+        if exception is not None and not message.failed:
+            self._log(stream).record("fail", **_identity(message))
+            return
+        # A step that failed for good ends its operation too.
+        last = bool(message.options.get(OPTION_AUDIT_LAST)) or exception is not None
+        self._log(stream).record("end", **_identity(message), last=int(last))
+
+
+def _identity(message: Any) -> dict[str, object]:
+    return {"op": message.options.get(OPTION_OPERATION, ""), "ref": message.options.get(OPTION_RESOURCE, "")}
 
 
 @dataclass(frozen=True)
@@ -48,6 +103,8 @@ class Event:
     op: str = ""
     ref: str = ""
     last: bool = False
+    #: 0 for a step's first attempt, n for its n-th retry.
+    attempt: int = 0
 
 
 def read_events(client: redis.Redis, stream: str) -> list[Event]:
@@ -65,6 +122,7 @@ def read_events(client: redis.Redis, stream: str) -> list[Event]:
                     op=fields.get("op", ""),
                     ref=fields.get("ref", ""),
                     last=fields.get("last") == "1",
+                    attempt=int(fields.get("attempt") or 0),
                 )
             )
             start = "(" + _text(entry_id)
@@ -93,48 +151,59 @@ class ScopeTimeline:
     ended: set[str] = field(default_factory=set)
 
 
-def audit(events: Iterable[Event], scope_of: dict[str, str], limits: dict[str, int]) -> dict[str, ScopeTimeline]:
-    """Per scope, who was active when. ``scope_of`` maps a resource ref to its scope (from the test's own
-    set-up), ``limits`` each scope to its limit."""
+def audit(
+    events: Iterable[Event], scope_of: Mapping[str, str | Sequence[str]], limits: dict[str, int]
+) -> dict[str, ScopeTimeline]:
+    """Per scope, who was active when. ``scope_of`` maps a resource ref to its scope, or to the scopes
+    its operations hold together (from the test's own set-up); ``limits`` maps each scope to its limit."""
     timelines = {scope: ScopeTimeline(scope, limit) for scope, limit in limits.items()}
     active: dict[str, set[str]] = {scope: set() for scope in limits}
-    running_on: dict[str, int] = {}  # operation -> pid running its current step
-    scope_of_op: dict[str, str] = {}
+    running_on: dict[str, int] = {}  # operation -> worker running its current step
+    scopes_of_op: dict[str, tuple[str, ...]] = {}
     for event in events:
         if event.kind == "kill":
             for op, pid in list(running_on.items()):
                 if pid == event.pid:
                     del running_on[op]
-                    _deactivate(timelines, active, scope_of_op[op], op, event.t_us)
+                    for scope in scopes_of_op[op]:
+                        _deactivate(timelines[scope], active[scope], op, event.t_us)
             continue
         if not event.op or event.ref not in scope_of:
             continue
-        scope = scope_of_op.setdefault(event.op, scope_of[event.ref])
-        timeline = timelines[scope]
+        scopes = scopes_of_op.setdefault(event.op, _as_tuple(scope_of[event.ref]))
         if event.kind == "start":
             running_on[event.op] = event.pid
-            if event.op not in active[scope]:
-                active[scope].add(event.op)
-                timeline.started.add(event.op)
-                timeline.activations.append((event.t_us, event.op))
-                timeline.samples.append((event.t_us, len(active[scope])))
-                timeline.max_active = max(timeline.max_active, len(active[scope]))
-                if len(active[scope]) > timeline.limit:
-                    timeline.violations += 1
+            for scope in scopes:
+                _activate(timelines[scope], active[scope], event.op, event.t_us)
         elif event.kind == "fail":
             running_on.pop(event.op, None)
         elif event.kind == "end":
             running_on.pop(event.op, None)
             if event.last:
-                timeline.ended.add(event.op)
-                timeline.ends.append((event.t_us, event.op))
-                _deactivate(timelines, active, scope, event.op, event.t_us)
+                for scope in scopes:
+                    timelines[scope].ended.add(event.op)
+                    timelines[scope].ends.append((event.t_us, event.op))
+                    _deactivate(timelines[scope], active[scope], event.op, event.t_us)
     return timelines
 
 
-def _deactivate(
-    timelines: dict[str, ScopeTimeline], active: dict[str, set[str]], scope: str, op: str, t_us: int
-) -> None:
-    if op in active[scope]:
-        active[scope].discard(op)
-        timelines[scope].samples.append((t_us, len(active[scope])))
+def _as_tuple(scopes: str | Sequence[str]) -> tuple[str, ...]:
+    return (scopes,) if isinstance(scopes, str) else tuple(scopes)
+
+
+def _activate(timeline: ScopeTimeline, active: set[str], op: str, t_us: int) -> None:
+    if op in active:
+        return
+    active.add(op)
+    timeline.started.add(op)
+    timeline.activations.append((t_us, op))
+    timeline.samples.append((t_us, len(active)))
+    timeline.max_active = max(timeline.max_active, len(active))
+    if len(active) > timeline.limit:
+        timeline.violations += 1
+
+
+def _deactivate(timeline: ScopeTimeline, active: set[str], op: str, t_us: int) -> None:
+    if op in active:
+        active.discard(op)
+        timeline.samples.append((t_us, len(active)))

@@ -45,9 +45,10 @@ def build_middleware() -> list[Middleware]:
         Pipelines(),
         CurrentMessage(),
         PeriodiqMiddleware(skip_delay=60),
-        throttle,
         # Before Retries, so its after-hook sees message.failed (hooks run in reverse order).
         OperationTransitions(throttle=throttle),
+        # After it: its after-hook (the step is over: the lease stops expiring) runs first.
+        throttle,
         # Regular steps never retry on their own; polls retry explicitly.
         Retries(max_retries=0, min_backoff=MIN_BACKOFF_MS),
     ]

@@ -88,3 +88,78 @@ def migrate() -> None:
 
     create_schema()
     click.echo(f"schema ready on {get_settings().database_url.split('@')[-1]}")
+
+
+@main.group()
+def throttle() -> None:
+    """Look at and adjust the per-scope concurrency throttle."""
+
+
+def _throttle_store():  # type: ignore[no-untyped-def]
+    from middleware import Throttle
+
+    return Throttle().store
+
+
+@throttle.command("explain")
+@click.argument("scope", required=False)
+@click.option("--waiters", default=20, show_default=True, type=click.IntRange(0, 10_000), help="Waiters to list.")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON.")
+def throttle_explain(scope: str | None, waiters: int, json_output: bool) -> None:
+    """Limit, holders (operation, since, lease expiry) and waiters of SCOPE; without SCOPE, list scopes."""
+    store = _throttle_store()
+    if scope is None:
+        explanations = [store.explain(s, max_waiters=0) for s in store.scopes()]
+        if json_output:
+            click.echo(json.dumps([e.as_dict() for e in explanations], indent=2))
+            return
+        table = Table(title="Throttle scopes", title_justify="left")
+        for column in ("scope", "limit", "holding", "waiting"):
+            table.add_column(column, justify="left" if column == "scope" else "right")
+        for e in explanations:
+            table.add_row(e.scope, str(e.limit), str(len(e.holders)), str(e.waiting))
+        Console().print(table)
+        return
+    explanation = store.explain(scope, max_waiters=max(waiters, 1))
+    if json_output:
+        click.echo(json.dumps(explanation.as_dict(), indent=2))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{scope}[/]: limit {explanation.limit}, {len(explanation.holders)} holding, "
+        f"{explanation.waiting} waiting"
+    )
+    holders = Table(title="Holders", title_justify="left")
+    for column in ("operation", "state", "grant", "since (ms)", "lease expires (ms)"):
+        holders.add_column(column)
+    for h in explanation.holders:
+        expiry = "while its next step is queued" if h.lease_expires_ms is None else str(h.lease_expires_ms)
+        holders.add_row(h.operation_id, h.state, str(h.fence), str(h.since_ms), expiry)
+    console.print(holders)
+    line = Table(title="Waiters, first in line first", title_justify="left")
+    for column in ("position", "operation", "waiting since (ms)"):
+        line.add_column(column)
+    for w in explanation.waiters[:waiters]:
+        line.add_row(str(w.position), w.operation_id, str(w.waiting_since_ms))
+    console.print(line)
+
+
+@throttle.command("set-limit")
+@click.argument("scope")
+@click.argument("limit", type=int)
+def throttle_set_limit(scope: str, limit: int) -> None:
+    """Set SCOPE's limit now: raising it admits waiters at once, lowering it interrupts nobody."""
+    from middleware import ThrottleScope, find_throttle
+    from resources.errors import JobsError
+
+    from .broker import broker
+
+    try:
+        wanted = ThrottleScope(scope, limit)
+    except JobsError as error:
+        raise click.ClickException(str(error)) from None
+    throttle_middleware = find_throttle(broker)
+    assert throttle_middleware is not None
+    handoffs = throttle_middleware.store.set_limit(wanted)
+    throttle_middleware.send(broker, handoffs)
+    click.echo(f"{scope}: limit {limit}; {len(handoffs)} waiting operation(s) admitted")

@@ -114,9 +114,8 @@ class OperationTransitions(Middleware):
                 )
         else:
             progress = Progress([])  # Retries will deliver it again; not a failure yet.
-        if self.throttle is not None:
-            # Before sending: the next step must find the lease already in its between-steps form.
-            self.throttle.after_step(broker, message, ended=progress.ended)
+        if progress.ended and self.throttle is not None:
+            self.throttle.release(broker, operation_id)
         enqueue_all(broker, progress.outgoing)
         if exception is None and progress.outgoing:
             self.sent.mark(operation_id, path)

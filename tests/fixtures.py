@@ -133,9 +133,11 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, interval_s: 
         time.sleep(interval_s)
 
 
-def make_tenant(name: str = "tenant-1", url: str | None = None) -> ServiceSettings:
+def make_tenant(
+    name: str = "tenant-1", url: str | None = None, options: dict[str, Any] | None = None
+) -> ServiceSettings:
     with session_scope(url) as session:
-        tenant = ServiceSettings(name=name, backend="simulated", options={})
+        tenant = ServiceSettings(name=name, backend="simulated", options=options or {})
         session.add(tenant)
     return tenant
 

@@ -5,7 +5,7 @@ The producer admits or parks an operation when it sends the first steps (:meth:`
 worker checks the operation still holds before every step (:meth:`before_step`: a step whose operation
 lost its slot re-acquires first) and releases at the terminal state, handing the slot to the next waiter
 in the same script (:meth:`release`). ``OperationTransitions`` calls these at the right moments: only it
-knows when a step is a duplicate or an operation has ended.
+knows when a step is a duplicate or an operation has ended. Place this middleware after it in the list.
 
 A heartbeat thread per worker process renews the leases of operations whose steps run here (a busy step
 thread cannot starve it) and reaps expired ones: a killed worker's slots are reclaimed, a hand-off whose
@@ -134,20 +134,28 @@ class Throttle(Middleware):
             self._running[operation_id] += 1
         return admission.fence
 
-    def after_step(self, broker: dramatiq.Broker, message: Message[Any], *, ended: bool) -> None:
-        """The step is over. At the operation's end, release and hand on; otherwise, once no step of it
-        runs here, its lease stops expiring: its next step is safe in the broker."""
-        if not self.enabled or not message.options.get(OPTION_THROTTLE):
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Message[Any], *, result: Any = None, exception: Any = None
+    ) -> None:
+        """The step is over, whatever its outcome: once no step of its operation runs here, the lease
+        stops expiring; its next step, its retry or its redelivery is safe in the broker.
+
+        This runs before ``OperationTransitions`` records the outcome (it sits later in the middleware
+        list, and after-hooks run in reverse order): a worker killed while recording or sending leaves
+        the operation holding its slot until the broker delivers the step again, instead of handing the
+        slot to another operation while this one is still between two steps.
+        """
+        if not self.enabled or not message.options.get(OPTION_THROTTLE) or OPTION_OPERATION not in message.options:
             return
         operation_id = message.options[OPTION_OPERATION]
         with self._lock:
+            if operation_id not in self._running:
+                return  # not admitted here (a callback, or parked)
             self._running[operation_id] -= 1
             idle = self._running[operation_id] <= 0
             if idle:
                 del self._running[operation_id]
-        if ended:
-            self.release(broker, operation_id)
-        elif idle:
+        if idle:
             self.store.mark_queued([operation_id])
 
     def release(self, broker: dramatiq.Broker, operation_id: str) -> None:
