@@ -133,8 +133,9 @@ class RateLimitedExecutor(BaseExecutor):
     @classmethod
     def get_task_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
         scope = provisioning_scope(instance)
+        key = f"{get_settings().namespace}:rate-limit:{scope.key}"
         return [
-            rate_limit_acquire.message(scope.key, scope.limit),
+            rate_limit_acquire.message(key, scope.limit),
             *audited_steps(kwargs),
-            rate_limit_release.message(scope.key, scope.limit),
+            rate_limit_release.message(key, scope.limit),
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,13 +34,15 @@ class ManagedProcess:
     def stop(self) -> None:
         if self.alive():
             # The dramatiq master forwards SIGTERM to its worker processes and waits for their steps;
-            # periodiq exits on it.
-            os.killpg(self.process.pid, signal.SIGTERM)
+            # periodiq exits on it. Only the leader gets it: a worker signalled twice exits at once.
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # anything of the group left behind
         if self._log is not None:
             self._log.close()
             self._log = None

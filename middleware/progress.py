@@ -87,16 +87,21 @@ def check_step(
     worker that ran it died between committing the completion and sending what follows: the followers
     that have not completed are returned to send again.
     """
-    operation = session.get(Operation, operation_id)
-    if operation is None:
+    status = session.scalar(select(Operation.status).where(Operation.id == operation_id))
+    if status is None:
         return StepCheck(skip=f"operation {operation_id} does not exist", ended=True)
-    if operation.status != OperationStatus.RUNNING:
-        return StepCheck(skip=f"operation {operation_id} already {operation.status}", ended=True)
-    if path is None or session.get(StepDone, (operation_id, path)) is None:
+    if status != OperationStatus.RUNNING:
+        return StepCheck(skip=f"operation {operation_id} already {status}", ended=True)
+    if (
+        path is None
+        or session.scalar(select(StepDone.path).where(StepDone.operation_id == operation_id, StepDone.path == path))
+        is None
+    ):
         return StepCheck()
     duplicate = f"step {path} of operation {operation_id} already completed (duplicate delivery)"
     if followers_sent():
         return StepCheck(skip=duplicate)
+    operation = session.get_one(Operation, operation_id)
     done = _done_paths(session, operation_id)
     before = done - {path, *ancestors(path)}
     followers = [p for p in advance(operation.plan["root"], before, path).start if p not in done]

@@ -20,7 +20,7 @@ from dramatiq import Message
 from dramatiq.middleware import Middleware, SkipMessage
 from sqlalchemy.orm import Session
 
-from resources.db import session_scope
+from resources.db import read_scope, session_scope
 
 from .context import StepContext, set_step_context
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION
@@ -53,8 +53,10 @@ class OperationTransitions(Middleware):
         sessions: Callable[[], AbstractContextManager[Session]] = session_scope,
         throttle: Throttle | None = None,
         sent: SentMarks | None = None,
+        read_sessions: Callable[[], AbstractContextManager[Session]] = read_scope,
     ) -> None:
         self.sessions = sessions
+        self.read_sessions = read_sessions
         self.throttle = throttle
         self.sent = sent or SentMarks()
 
@@ -69,7 +71,7 @@ class OperationTransitions(Middleware):
         if not self._is_step(message):
             return
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
-        with self.sessions() as session:
+        with self.read_sessions() as session:
             check = check_step(session, operation_id, path, lambda: self.sent.is_marked(operation_id, path))
         if check.ended and self.throttle is not None:
             self.throttle.release(broker, operation_id)  # a no-op, unless a crash skipped the release

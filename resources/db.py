@@ -15,10 +15,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import get_settings
 from .models import Base
 
-__all__ = ["create_schema", "drop_schema", "get_engine", "get_sessionmaker", "join_session", "session_scope"]
+__all__ = [
+    "create_schema",
+    "drop_schema",
+    "get_engine",
+    "get_sessionmaker",
+    "join_session",
+    "read_scope",
+    "session_scope",
+]
 
 #: How long a SQLite writer waits for another writer's lock, seconds.
 SQLITE_BUSY_TIMEOUT_S = 60
+#: Execution option of connections that only read (see ``read_scope``).
+_READ_ONLY = "jobs_read_only"
 
 
 def _prepare_sqlite(engine: Engine, url: str) -> None:
@@ -40,7 +50,9 @@ def _prepare_sqlite(engine: Engine, url: str) -> None:
     def _on_begin(connection: Any) -> None:
         # SQLite has no SELECT ... FOR UPDATE. Taking the write lock at BEGIN makes every transaction
         # serializable, so a read-then-write (a compare-and-set, a fan-in count) can never be stale.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only transaction needs no lock: in WAL mode it reads the last commit, beside a writer.
+        read_only = connection.get_execution_options().get(_READ_ONLY)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 @functools.cache
@@ -83,6 +95,22 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         return
     with get_sessionmaker(url).begin() as session:
         yield session
+
+
+@contextmanager
+def read_scope(url: str | None = None) -> Iterator[Session]:
+    """A session for reading only; nothing it changes is kept. On SQLite it does not queue for the
+    write lock behind writers, so a check before every step stays cheap under load."""
+    joined = _JOINED.get()
+    if joined is not None and url is None:
+        yield joined
+        return
+    with get_sessionmaker(url)() as session:
+        session.connection(execution_options={_READ_ONLY: True})
+        try:
+            yield session
+        finally:
+            session.rollback()
 
 
 @contextmanager

@@ -94,8 +94,8 @@ class Throttle(Middleware):
     ) -> str:
         """Send the operation's first steps if it is admitted; otherwise park them until its turn.
         Returns the admission status."""
-        if not self.enabled or not scopes:
-            _send_all(broker, outgoing)
+        if not self.enabled or not scopes or not outgoing:
+            _send_all(broker, outgoing)  # nothing to throttle: no steps (an operation with nothing to do)
             return "granted"
         admission = self.store.acquire(
             operation_id,

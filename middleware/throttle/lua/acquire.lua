@@ -20,7 +20,6 @@ for _, pair in ipairs(wanted) do
     if limit > current then table.insert(raised, scope) end
   end
 end
-promote(raised, reserve_ms, handoffs)  -- waiters first: a raised limit serves the line before a newcomer
 
 local function park_messages()
   local max_delay = max_delay_of(op)
@@ -32,6 +31,10 @@ local function park_messages()
 end
 
 local state = redis.call('HGET', key, 'state')
+if state == 'waiting' then
+  park_messages()  -- first, so that a raised limit admitting this very operation sends these too
+end
+promote(raised, reserve_ms, handoffs)  -- waiters first: a raised limit serves the line before a newcomer
 if state == 'done' then
   return cjson.encode({'done', 0, handoffs})
 end
@@ -49,7 +52,6 @@ if state == 'holding' or state == 'granted' then
   end
 end
 if state == 'waiting' then
-  park_messages()
   return cjson.encode({'parked', 0, handoffs})
 end
 
