@@ -143,7 +143,8 @@ def test_the_heartbeat_resends_a_hand_off_that_was_lost(stub_broker, monkeypatch
     with session_scope() as session:
         scope = provisioning_scope(session.get(Instance, instance.id))
     message = state_transition.message(instance.ref, "begin_creating")
-    throttle.store.acquire("op", [scope], start=False, messages=[(0, message.encode().decode())])
+    # (granted at a test-clock time long past: its hand-off timeout has certainly run out by now)
+    throttle.store.acquire("op", [scope], start=False, messages=[(0, message.encode().decode())], now_ms=1000)
 
     # When a heartbeat runs after the hand-off timeout
     throttle.beat(stub_broker)
