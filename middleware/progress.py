@@ -9,10 +9,10 @@ other's completions, and the last one to finish is the only one that moves on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from dramatiq import Message
+from dramatiq import Broker, Message
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -21,7 +21,16 @@ from resources.transitions import record_error
 
 from .plan import advance, ancestors, message_of, start_paths
 
-__all__ = ["Outgoing", "Progress", "StepCheck", "check_step", "complete_step", "fail_operation", "first_steps"]
+__all__ = [
+    "Outgoing",
+    "Progress",
+    "StepCheck",
+    "check_step",
+    "complete_step",
+    "enqueue_all",
+    "fail_operation",
+    "first_steps",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,11 @@ def _outgoing(plan: dict, paths: list[str], extra_delay: int | None = None) -> l
             delay = (delay or 0) + extra_delay
         result.append(Outgoing(message, delay))
     return result
+
+
+def enqueue_all(broker: Broker, outgoing: Iterable[Outgoing]) -> None:
+    for item in outgoing:
+        broker.enqueue(item.message, delay=item.delay)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -24,7 +24,7 @@ from resources.db import read_scope, session_scope
 
 from .context import StepContext, set_step_context
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION
-from .progress import Outgoing, Progress, check_step, complete_step, fail_operation
+from .progress import Progress, check_step, complete_step, enqueue_all, fail_operation
 from .sent import SentMarks
 from .throttle import Throttle
 
@@ -36,11 +36,6 @@ logger = logging.getLogger(__name__)
 def describe_error(exception: BaseException) -> str:
     text = str(exception)
     return text if text else type(exception).__name__
-
-
-def enqueue_all(broker: dramatiq.Broker, outgoing: Iterable[Outgoing]) -> None:
-    for item in outgoing:
-        broker.enqueue(item.message, delay=item.delay)
 
 
 class OperationTransitions(Middleware):

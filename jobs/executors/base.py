@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, object_session
 
 from middleware import PlanBuilder, ThrottleScope, fail_operation, find_throttle, first_steps, send_first_steps
 from middleware.plan import Node
-from middleware.transitions import enqueue_all
+from middleware.progress import enqueue_all
 from resources.after_commit import on_commit
 from resources.db import get_sessionmaker, join_session, session_scope
 from resources.errors import JobsError

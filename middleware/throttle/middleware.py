@@ -28,7 +28,7 @@ from resources.config import Settings, get_settings
 from resources.redis_client import get_redis
 
 from ..plan import OPTION_OPERATION, OPTION_THROTTLE
-from ..progress import Outgoing
+from ..progress import Outgoing, enqueue_all
 from .scopes import ThrottleScope
 from .store import Handoff, ThrottleStore
 
@@ -55,7 +55,7 @@ def send_first_steps(broker: dramatiq.Broker, operation_id: str, plan: dict[str,
     throttle = find_throttle(broker)
     scopes = [ThrottleScope(key, int(limit)) for key, limit in plan.get("throttle") or ()]
     if throttle is None:
-        _send_all(broker, outgoing)
+        enqueue_all(broker, outgoing)
         return "granted"
     return throttle.submit(broker, operation_id, scopes, outgoing)
 
@@ -95,7 +95,7 @@ class Throttle(Middleware):
         """Send the operation's first steps if it is admitted; otherwise park them until its turn.
         Returns the admission status."""
         if not self.enabled or not scopes or not outgoing:
-            _send_all(broker, outgoing)  # nothing to throttle: no steps (an operation with nothing to do)
+            enqueue_all(broker, outgoing)  # nothing to throttle: no steps (an operation with nothing to do)
             return "granted"
         admission = self.store.acquire(
             operation_id,
@@ -105,7 +105,7 @@ class Throttle(Middleware):
         )
         self.send(broker, admission.handoffs)
         if admission.status == "granted":
-            _send_all(broker, outgoing)
+            enqueue_all(broker, outgoing)
         elif admission.status == "parked":
             logger.info("operation %s waits for a slot in %s", operation_id, ", ".join(s.key for s in scopes))
         return admission.status
@@ -213,8 +213,3 @@ class _Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         self.join(timeout=5)
-
-
-def _send_all(broker: dramatiq.Broker, outgoing: Iterable[Outgoing]) -> None:
-    for item in outgoing:
-        broker.enqueue(item.message, delay=item.delay)
