@@ -154,7 +154,7 @@ class PlanBuilder:
         return {
             "root": root,
             "parties": [vars(p) for p in self.parties],
-            "throttle": throttle,
+            OPTION_THROTTLE: throttle,
         }
 
 

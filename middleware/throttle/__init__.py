@@ -1,7 +1,7 @@
 """Per-scope concurrency throttle spanning whole operations (see ``middleware.py``)."""
 
 from .middleware import Throttle, ThrottleUnavailable, find_throttle, scopes_of, send_first_steps
-from .scopes import ThrottleScope, merge_scopes
+from .scopes import ThrottleScope
 from .store import Admission, Explanation, Handoff, Holder, ThrottleStore, Waiter
 
 __all__ = [
@@ -15,7 +15,6 @@ __all__ = [
     "ThrottleUnavailable",
     "Waiter",
     "find_throttle",
-    "merge_scopes",
     "scopes_of",
     "send_first_steps",
 ]

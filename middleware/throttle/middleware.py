@@ -53,7 +53,7 @@ def send_first_steps(broker: dramatiq.Broker, operation_id: str, plan: dict[str,
     """Send an operation's first steps, through the broker's throttle when the operation is throttled.
     Returns "granted" (sent), "parked" (sent when its turn comes) or "held"/"done" (sent before)."""
     throttle = find_throttle(broker)
-    scopes = [ThrottleScope(key, int(limit)) for key, limit in plan.get("throttle") or ()]
+    scopes = scopes_of(plan)  # the plan keeps them under the same key as its messages' options
     if throttle is None:
         enqueue_all(broker, outgoing)
         return "granted"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from resources.errors import ConfigurationError
 from resources.limits import validate_limit
 
-__all__ = ["ThrottleScope", "merge_scopes"]
+__all__ = ["ThrottleScope"]
 
 # Scope keys become parts of Redis key names: keep them printable and free of separators' surprises.
 _KEY = re.compile(r"^[A-Za-z0-9_.:@/+=-]{1,200}$")
@@ -30,11 +29,3 @@ class ThrottleScope:
                 "and _ . : @ / + = -"
             )
         validate_limit(self.limit, what=f"the limit of throttle scope {self.key!r}")
-
-
-def merge_scopes(scopes: Iterable[ThrottleScope]) -> list[ThrottleScope]:
-    """One entry per key, sorted (the order every script sees); the strictest limit wins."""
-    merged: dict[str, int] = {}
-    for scope in scopes:
-        merged[scope.key] = min(scope.limit, merged.get(scope.key, scope.limit))
-    return [ThrottleScope(key, merged[key]) for key in sorted(merged)]

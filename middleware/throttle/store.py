@@ -39,10 +39,6 @@ class Admission:
     #: Waiters admitted as a side effect (a raised limit); the caller sends their messages.
     handoffs: list[Handoff] = field(default_factory=list)
 
-    @property
-    def admitted(self) -> bool:
-        return self.status in ("granted", "held")
-
 
 @dataclass(frozen=True)
 class Holder:
