@@ -21,9 +21,8 @@ from dramatiq.middleware import (
     ShutdownNotifications,
     TimeLimit,
 )
-from periodiq import PeriodiqMiddleware
 
-from middleware import OperationTransitions, Throttle
+from middleware import Deduplicate, InFlight, OperationTransitions, PeriodicTicks, Throttle
 from resources.config import get_settings
 
 from . import queues
@@ -44,7 +43,13 @@ def build_middleware() -> list[Middleware]:
         Callbacks(),
         Pipelines(),
         CurrentMessage(),
-        PeriodiqMiddleware(skip_delay=60),
+        # Replaces periodiq's middleware, which drops retries and backlogged ticks as stale.
+        PeriodicTicks(),
+        # Before PeriodicTicks: a message skipped as a duplicate job does not claim its tick. Before
+        # Retries: its after-hook sees message.failed and keeps the guard of a job that will retry.
+        Deduplicate(),
+        # Which messages of each operation exist, for the janitor.
+        InFlight(),
         # Before Retries, so its after-hook sees message.failed (hooks run in reverse order).
         OperationTransitions(throttle=throttle),
         # After it: its after-hook (the step is over: the lease stops expiring) runs first.

@@ -34,7 +34,7 @@ class ManagedProcess:
     def stop(self) -> None:
         if self.alive():
             # The dramatiq master forwards SIGTERM to its worker processes and waits for their steps;
-            # periodiq exits on it. Only the leader gets it: a worker signalled twice exits at once.
+            # the scheduler hands its lease over and exits on it. Only the leader gets it: a worker signalled twice exits at once.
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=STOP_TIMEOUT_S)
@@ -103,8 +103,12 @@ def start_worker(
 
 
 def start_scheduler(
-    *, module: str = "scheduler.app", env: Mapping[str, str] | None = None, log_path: Path | None = None
+    name: str = "scheduler",
+    *,
+    modules: Sequence[str] = ("scheduler.app",),
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> ManagedProcess:
-    """``periodiq scheduler.app``, as the Procfile's scheduler process runs it."""
-    command = [sys.executable, "-c", "from periodiq import entrypoint; entrypoint()", module]
-    return start_process("scheduler", command, env=env, log_path=log_path)
+    """``python -m scheduler run``, as the Procfile's scheduler process runs it."""
+    command = [sys.executable, "-m", "scheduler", "run", *modules]
+    return start_process(name, command, env=env, log_path=log_path)

@@ -1,24 +1,35 @@
 """Dramatiq middleware and the operation plan they run. Imports only ``resources``."""
 
 from .context import StepContext, current_step, step_context
+from .dedup import Deduplicate, DuplicateJob, find_deduplicate
+from .inflight import InFlight, find_inflight
+from .periodic import OPTION_TICK, PeriodicTicks
 from .plan import Composable, PlanBuilder
 from .progress import Outgoing, Progress, complete_step, fail_operation, first_steps
 from .throttle import Throttle, ThrottleScope, find_throttle, send_first_steps
-from .transitions import OperationTransitions, enqueue_all
+from .transitions import OperationTransitions, conclude, enqueue_all
 
 __all__ = [
+    "OPTION_TICK",
     "Composable",
+    "Deduplicate",
+    "DuplicateJob",
+    "InFlight",
     "OperationTransitions",
     "Outgoing",
+    "PeriodicTicks",
     "PlanBuilder",
     "Progress",
     "StepContext",
     "Throttle",
     "ThrottleScope",
     "complete_step",
+    "conclude",
     "current_step",
     "enqueue_all",
     "fail_operation",
+    "find_deduplicate",
+    "find_inflight",
     "find_throttle",
     "first_steps",
     "send_first_steps",

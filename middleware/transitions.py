@@ -26,9 +26,9 @@ from .context import StepContext, set_step_context
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION
 from .progress import Progress, check_step, complete_step, enqueue_all, fail_operation
 from .sent import SentMarks
-from .throttle import Throttle
+from .throttle import Throttle, find_throttle
 
-__all__ = ["OperationTransitions", "describe_error", "enqueue_all"]
+__all__ = ["OperationTransitions", "conclude", "describe_error", "enqueue_all"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ logger = logging.getLogger(__name__)
 def describe_error(exception: BaseException) -> str:
     text = str(exception)
     return text if text else type(exception).__name__
+
+
+def conclude(broker: dramatiq.Broker, operation_id: str, progress: Progress) -> None:
+    """After an operation's end (a cancel, a janitor) is committed: free its throttle slot or its place
+    in line, and send its failure callbacks."""
+    throttle = find_throttle(broker)
+    if progress.ended and throttle is not None:
+        throttle.release(broker, operation_id)
+    enqueue_all(broker, progress.outgoing)
 
 
 class OperationTransitions(Middleware):

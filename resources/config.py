@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigurationError
+from .states import TRANSITIONAL_STATES, State
 
 __all__ = ["Settings", "get_settings", "normalise_database_url"]
 
 #: Where the default SQLite database lives when DATABASE_URL is unset.
 DEFAULT_DATA_DIR = ".jobs-data"
 T = TypeVar("T", int, float)
+
+#: How long a resource may sit in a transitional state, counted from when its operation started,
+#: before the janitor moves it to ERRED -- and only once nothing is queued, running or parked for that
+#: operation. Waldur gives provisioning 3 hours; its other states are never rescued at all.
+DEFAULT_STUCK_AFTER_S: dict[State, float] = {
+    State.CREATION_SCHEDULED: 3600.0,
+    State.CREATING: 3 * 3600.0,
+    State.UPDATE_SCHEDULED: 3600.0,
+    State.UPDATING: 3600.0,
+    State.DELETION_SCHEDULED: 3600.0,
+    State.DELETING: 3600.0,
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,23 @@ class Settings:
     broker_heartbeat_timeout_ms: int
     #: ... checked on this many Redis calls out of a million (Dramatiq's default: 1000).
     broker_maintenance_chance: int
+    #: The zone cron schedules are read in (an IANA name such as "Europe/Berlin"); UTC by default,
+    #: so that "0 3 * * *" means the same hour on every machine.
+    scheduler_timezone: str = "UTC"
+    #: The scheduler leader's lease in Redis: a dead leader is replaced this long after its last renewal.
+    scheduler_lease_s: float = 15.0
+    #: How long the de-duplication guard of a queued background job lives without a worker taking
+    #: it (covers a message lost from the broker); a job waiting in a longer backlog can be enqueued again.
+    dedup_queued_ttl_s: float = 86400.0
+    #: Lease of the guard of a running background job, renewed by its worker; a guard left by a
+    #: killed worker expires this long after the last renewal.
+    dedup_lease_s: float = 30.0
+    #: Per transitional state, see DEFAULT_STUCK_AFTER_S; JOBS_STUCK_<STATE>_S overrides one.
+    stuck_after_s: dict[State, float] = field(default_factory=lambda: dict(DEFAULT_STUCK_AFTER_S))
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.scheduler_timezone)
 
     @property
     def broker_url(self) -> str:
@@ -90,6 +121,17 @@ def _env_switch(name: str, default: bool) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a switch; set it to on or off")
 
 
+def _env_zone(name: str, default: str) -> str:
+    raw = os.environ.get(name) or default
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a time zone; set it to an IANA name such as UTC or Europe/Berlin"
+        ) from None
+    return raw
+
+
 def normalise_database_url(url: str) -> str:
     """PaaS providers hand out ``postgres://`` URLs; SQLAlchemy wants a dialect+driver name."""
     for prefix in ("postgres://", "postgresql://"):
@@ -118,6 +160,14 @@ def get_settings() -> Settings:
         throttle_handoff_timeout_s=_env_number("JOBS_THROTTLE_HANDOFF_TIMEOUT_S", 60.0, float),
         broker_heartbeat_timeout_ms=_env_number("JOBS_BROKER_HEARTBEAT_TIMEOUT_MS", 60_000, int),
         broker_maintenance_chance=_env_number("JOBS_BROKER_MAINTENANCE_CHANCE", 1000, int),
+        scheduler_timezone=_env_zone("JOBS_SCHEDULER_TIMEZONE", "UTC"),
+        scheduler_lease_s=_env_number("JOBS_SCHEDULER_LEASE_S", 15.0, float),
+        dedup_queued_ttl_s=_env_number("JOBS_DEDUP_QUEUED_TTL_S", 86400.0, float),
+        dedup_lease_s=_env_number("JOBS_DEDUP_LEASE_S", 30.0, float),
+        stuck_after_s={
+            state: _env_number(f"JOBS_STUCK_{state.value}_S", DEFAULT_STUCK_AFTER_S[state], float)
+            for state in sorted(TRANSITIONAL_STATES)
+        },
     )
     if settings.throttle_heartbeat_s >= settings.throttle_lease_s:
         raise ConfigurationError(

@@ -18,7 +18,14 @@ from .models import Resource
 from .refs import parse_ref
 from .states import State, Transition, get_transition
 
-__all__ = ["apply_transition", "claim_for_operation", "describe", "load_resource", "record_error"]
+__all__ = [
+    "apply_if_unchanged",
+    "apply_transition",
+    "claim_for_operation",
+    "describe",
+    "load_resource",
+    "record_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +64,7 @@ def apply_transition(
     """
     transition = get_transition(transition_name)
     model, uuid = parse_ref(ref)
-    new_values: dict[str, Any] = {"state": transition.target, **(values or {})}
-    if transition.target != State.ERRED:
-        # Leaving ERRED clears the error; any other move keeps it.
-        new_values["error_message"] = case((model.state == State.ERRED, ""), else_=model.error_message)
-        new_values["error_traceback"] = case((model.state == State.ERRED, ""), else_=model.error_traceback)
+    new_values = _new_values(model, transition, values)
     criteria = [model.uuid == uuid, model.state.in_(transition.sources)]
     if transition.starts_operation:
         if operation_id is None:
@@ -76,6 +79,43 @@ def apply_transition(
         logger.debug("%s: %s -> %s", ref, transition.name, transition.target)
         return True
     return _explain_no_match(session, model, uuid, transition, operation_id)
+
+
+def apply_if_unchanged(
+    session: Session,
+    ref: str,
+    transition_name: str,
+    *,
+    seen_state: State,
+    seen_operation_id: str | None,
+    values: dict[str, Any] | None = None,
+) -> bool:
+    """Apply a transition only if the resource is still as a periodic job saw it: in ``seen_state`` and
+    owned by ``seen_operation_id`` (None: by no operation). False, quietly, when it moved on meanwhile
+    (an operation started, a user deleted it): what the job saw no longer holds."""
+    transition = get_transition(transition_name)
+    if seen_state not in transition.sources:
+        raise TransitionNotAllowed(
+            f"{ref} was seen {seen_state}; {transition.name} needs {transition.describe_sources()}"
+        )
+    model, uuid = parse_ref(ref)
+    owner = model.operation_id.is_(None) if seen_operation_id is None else model.operation_id == seen_operation_id
+    statement = (
+        update(model)
+        .where(model.uuid == uuid, model.state == seen_state, owner)
+        .values(_new_values(model, transition, values))
+        .execution_options(synchronize_session="fetch")
+    )
+    return session.execute(statement).rowcount == 1
+
+
+def _new_values(model: type[Resource], transition: Transition, values: dict[str, Any] | None) -> dict[str, Any]:
+    new_values: dict[str, Any] = {"state": transition.target, **(values or {})}
+    if transition.target != State.ERRED:
+        # Leaving ERRED clears the error; any other move keeps it.
+        new_values["error_message"] = case((model.state == State.ERRED, ""), else_=model.error_message)
+        new_values["error_traceback"] = case((model.state == State.ERRED, ""), else_=model.error_traceback)
+    return new_values
 
 
 def _explain_no_match(

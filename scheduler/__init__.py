@@ -1,1 +1,2 @@
-"""Periodic background jobs, run by periodiq (``periodiq scheduler.app``) on the background queue."""
+"""Periodic background jobs: periodiq's ``cron(...)`` declarations sent by one leader at a time,
+de-duplicated while queued or running, on the ``background`` queue."""

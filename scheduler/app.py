@@ -1,11 +1,11 @@
 """What the scheduler and the background workers load (see the Procfile):
 
-periodiq scheduler.app                            # sends each periodic job when it is due
+python -m scheduler run                           # sends each periodic job when it is due (one leader)
 dramatiq scheduler.app --queues background        # runs them
 """
 
 from jobs import app as jobs_app
 
-from . import periodic
+from . import janitor, pull
 
-__all__ = ["jobs_app", "periodic"]
+__all__ = ["janitor", "jobs_app", "pull"]

@@ -19,8 +19,10 @@ from sqlalchemy import delete
 from jobs import queues
 from jobs.broker import broker as project_broker
 from resources.backends import SimulatedCloud, SimulatedConfig
+from resources.config import get_settings
 from resources.db import create_schema, get_engine, session_scope
 from resources.models import Base, Instance, ServiceSettings, Volume
+from resources.redis_client import get_redis
 
 
 class Recorder(Middleware):
@@ -88,12 +90,24 @@ def stub_broker(database: None) -> Iterator[StubBroker]:
     """The project's StubBroker, empty; no worker consumes unless the test also asks for stub_worker."""
     assert isinstance(project_broker, StubBroker)
     project_broker.flush_all()
+    forget_guards()
     RECORDER.reset()
     previous = dramatiq.get_broker()
     dramatiq.set_broker(project_broker)
     yield project_broker
     dramatiq.set_broker(previous)
     project_broker.flush_all()
+
+
+def forget_guards() -> None:
+    """Drop what earlier tests left in Redis about messages: de-duplication guards, claimed ticks,
+    in-flight sets. The stub broker's queues are emptied between tests; these must go with them."""
+    client = get_redis()
+    namespace = get_settings().namespace
+    for pattern in ("dedup", "periodic", "inflight"):
+        keys = list(client.scan_iter(f"{namespace}:{pattern}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture

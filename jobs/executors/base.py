@@ -16,9 +16,8 @@ import dramatiq
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
-from middleware import PlanBuilder, ThrottleScope, fail_operation, find_throttle, first_steps, send_first_steps
+from middleware import PlanBuilder, ThrottleScope, conclude, fail_operation, first_steps, send_first_steps
 from middleware.plan import Node
-from middleware.progress import enqueue_all
 from resources.after_commit import on_commit
 from resources.db import get_sessionmaker, join_session, session_scope
 from resources.errors import JobsError
@@ -52,15 +51,11 @@ class OperationHandle:
         """End the operation now: no further step runs, its failure callbacks run (the resource goes to
         ERRED with ``reason``), and its throttle slot, or its place in line, is released. Returns False
         if it had already ended."""
-        broker = dramatiq.get_broker()
         with session_scope() as session:
             progress = fail_operation(session, self.id, "cancel", reason, "", status=OperationStatus.CANCELLED)
         if not progress.ended:
             return False
-        throttle = find_throttle(broker)
-        if throttle is not None:
-            throttle.release(broker, self.id)
-        enqueue_all(broker, progress.outgoing)
+        conclude(dramatiq.get_broker(), self.id, progress)
         return True
 
     def wait(self, timeout: float = 60.0, interval: float = 0.05) -> Operation:

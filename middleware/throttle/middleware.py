@@ -27,6 +27,7 @@ from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 from resources.config import Settings, get_settings
 from resources.redis_client import get_redis
 
+from ..heartbeat import Heartbeat
 from ..plan import OPTION_OPERATION, OPTION_THROTTLE
 from ..progress import Outgoing, enqueue_all
 from .scopes import ThrottleScope
@@ -74,7 +75,7 @@ class Throttle(Middleware):
         self._lock = threading.Lock()
         #: Steps running in this process, per operation: the leases the heartbeat renews.
         self._running: Counter[str] = Counter()
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
 
     @property
     def store(self) -> ThrottleStore:
@@ -175,7 +176,7 @@ class Throttle(Middleware):
     # -- the heartbeat ---------------------------------------------------------------------------
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         if self.enabled:
-            self._heartbeat = _Heartbeat(self, broker)
+            self._heartbeat = Heartbeat("throttle-heartbeat", self.heartbeat_s, lambda: self.beat(broker))
             self._heartbeat.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
@@ -194,22 +195,3 @@ class Throttle(Middleware):
                 "re-sending the hand-off to operation %s (its first step never started)", handoff.operation_id
             )
         self.send(broker, [*redrives, *handoffs])
-
-
-class _Heartbeat(threading.Thread):
-    def __init__(self, throttle: Throttle, broker: dramatiq.Broker) -> None:
-        super().__init__(name="throttle-heartbeat", daemon=True)
-        self.throttle = throttle
-        self.broker = broker
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.throttle.heartbeat_s):
-            try:
-                self.throttle.beat(self.broker)
-            except Exception:
-                logger.exception("throttle heartbeat failed; trying again in %s s", self.throttle.heartbeat_s)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from ..errors import ConfigurationError
 from ..models import Instance, Resource, Volume
@@ -31,6 +31,13 @@ R = TypeVar("R", bound=Resource)
 class ResourceBackend(ABC, Generic[R]):
     """Operations every resource type supports. Every mutating method must be idempotent: the broker
     delivers at least once, so a create of a resource that already exists returns the existing object."""
+
+    #: Runtime states of a working object: a periodic pull that finds one recovers an ERRED resource.
+    healthy_runtime_states: ClassVar[frozenset[str]] = frozenset()
+
+    def is_healthy(self, changes: Changes) -> bool:
+        """Whether a pull's result shows a working object."""
+        return changes.get("runtime_state") in self.healthy_runtime_states
 
     @abstractmethod
     def create(self, resource: R) -> Changes: ...

@@ -216,6 +216,8 @@ class _SimulatedBackend(ResourceBackend[Any]):
 
 
 class SimulatedInstanceBackend(_SimulatedBackend, InstanceBackend):
+    healthy_runtime_states = frozenset({"ACTIVE"})
+
     def create(self, resource: Instance) -> Changes:
         return self.cloud.create(resource, {"flavor": resource.flavor})
 
@@ -224,6 +226,8 @@ class SimulatedInstanceBackend(_SimulatedBackend, InstanceBackend):
 
 
 class SimulatedVolumeBackend(_SimulatedBackend, VolumeBackend):
+    healthy_runtime_states = frozenset({"available"})
+
     def create(self, resource: Volume) -> Changes:
         return self.cloud.create(resource, {"size_gb": resource.size_gb})
 

@@ -1,0 +1,79 @@
+"""Which copies of each operation's messages exist right now: queued, delayed, running or retrying.
+
+The janitor must tell an operation whose messages are lost (a crash between commit and send, a flushed
+broker) from one that merely waits in a backlog or a delay. Asking the broker means scanning every
+queue, and differs per broker; instead each copy of an operation's message is added to a Redis set when
+it is enqueued and removed when it is acknowledged or rejected.
+
+A copy is named by message id and queue. Dramatiq enqueues the successor copy before it acknowledges the
+one it replaces (a delayed message moving from ``<queue>.DQ`` to its queue, a retry of a failed attempt,
+a step's followers), so the set is never empty while the operation has a message anywhere. A copy held
+by a worker that died stays in the set: the broker delivers it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq import Message
+from dramatiq.middleware import Middleware
+
+from resources.config import get_settings
+from resources.redis_client import get_redis
+
+from .plan import OPTION_OPERATION
+
+__all__ = ["InFlight", "find_inflight"]
+
+#: Longer than the longest delay Dramatiq allows (7 days): a set outlives every copy it names.
+SET_TTL_S = 8 * 24 * 3600
+
+
+def _copy_name(message: Message[Any]) -> str:
+    return f"{message.message_id}@{message.queue_name}"
+
+
+class InFlight(Middleware):
+    def __init__(self, client: redis.Redis | None = None, prefix: str | None = None) -> None:
+        self._client = client
+        self._prefix = prefix
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:  # lazily: the CLI may start an embedded Redis after import
+            self._client = get_redis()
+        return self._client
+
+    def _key(self, operation_id: str) -> str:
+        prefix = self._prefix or f"{get_settings().namespace}:inflight"
+        return f"{prefix}:{operation_id}"
+
+    def after_enqueue(self, broker: dramatiq.Broker, message: Message[Any], delay: int | None) -> None:
+        operation_id = message.options.get(OPTION_OPERATION)
+        if operation_id:
+            key = self._key(operation_id)
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.sadd(key, _copy_name(message))
+                pipe.expire(key, SET_TTL_S)
+                pipe.execute()
+
+    def _forget(self, message: Message[Any]) -> None:
+        operation_id = message.options.get(OPTION_OPERATION)
+        if operation_id:
+            self.client.srem(self._key(operation_id), _copy_name(message))
+
+    def after_ack(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
+        self._forget(message)
+
+    def after_nack(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
+        self._forget(message)
+
+    def copies(self, operation_id: str) -> set[str]:
+        """The operation's messages that exist now, as ``message_id@queue``."""
+        return set(self.client.smembers(self._key(operation_id)))
+
+
+def find_inflight(broker: dramatiq.Broker) -> InFlight | None:
+    return next((m for m in broker.middleware if isinstance(m, InFlight)), None)

@@ -1,0 +1,123 @@
+"""The janitor: rescue resources left in a transitional state by an operation that is no longer alive.
+
+Waldur rescues only CREATION_SCHEDULED and CREATING, after 3 hours counted from the row's last save.
+Here every transitional state has a timeout (``JOBS_STUCK_<STATE>_S``), counted from when the resource's
+operation started, and a resource is touched only when nothing of its operation is left: no message
+queued, delayed, running or retrying (``InFlight``) and no place in the throttle's line or hand-off. A
+rescued resource goes to ERRED with a message naming the state and how long it was stuck; its
+operation ends as failed, so its failure callbacks run once and its throttle slot is freed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import dramatiq
+from sqlalchemy import func, select
+
+from middleware import Progress, conclude, fail_operation, find_inflight, find_throttle
+from resources.config import get_settings
+from resources.db import session_scope
+from resources.models import Operation, resource_types, utcnow
+from resources.states import TRANSITIONAL_STATES, State
+from resources.transitions import apply_if_unchanged
+
+from .background import periodic_job
+
+__all__ = ["Stuck", "find_stuck", "is_alive", "janitor", "rescue"]
+
+logger = logging.getLogger(__name__)
+
+#: Throttle states in which an operation waits for a slot or has just been handed one.
+_PARKED = frozenset({"waiting", "granted"})
+
+
+@dataclass(frozen=True)
+class Stuck:
+    ref: str
+    state: State
+    operation_id: str | None
+    since: datetime
+
+    def message(self, now: datetime) -> str:
+        whose = f"its operation {self.operation_id}" if self.operation_id else "no operation"
+        return (
+            f"Stuck in {self.state} for {_duration(now - self.since)}: {whose} has no message queued, "
+            "running or parked; moved to ERRED by the janitor."
+        )
+
+
+def _duration(elapsed: timedelta) -> str:
+    minutes = int(elapsed.total_seconds() // 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+def find_stuck(now: datetime, timeouts: dict[State, float]) -> list[Stuck]:
+    """Resources past their state's timeout, counted from their operation's start (or, with no
+    operation, from the row's last save). Whether the operation is alive is checked separately."""
+    stuck: list[Stuck] = []
+    with session_scope() as session:
+        for model in resource_types().values():
+            started = func.coalesce(Operation.created_at, model.modified_at)
+            for state in sorted(TRANSITIONAL_STATES):
+                query = (
+                    select(model.uuid, model.operation_id, started)
+                    .outerjoin(Operation, Operation.id == model.operation_id)
+                    .where(model.state == state, started < now - timedelta(seconds=timeouts[state]))
+                )
+                for uuid, operation_id, since in session.execute(query):
+                    stuck.append(Stuck(f"{model.resource_type}:{uuid}", state, operation_id, since))
+    return stuck
+
+
+def is_alive(broker: dramatiq.Broker, operation_id: str | None) -> bool:
+    """Whether anything of the operation is left: a message anywhere, or a place with the throttle."""
+    if operation_id is None:
+        return False
+    inflight = find_inflight(broker)
+    if inflight is not None and inflight.copies(operation_id):
+        return True
+    throttle = find_throttle(broker)
+    return throttle is not None and throttle.enabled and throttle.store.state_of(operation_id) in _PARKED
+
+
+def rescue(broker: dramatiq.Broker, stuck: Stuck, now: datetime) -> bool:
+    """Move one stuck resource to ERRED and end its operation, if it is still as it was found."""
+    message = stuck.message(now)
+    with session_scope() as session:
+        values = {"error_message": message, "error_traceback": ""}
+        if not apply_if_unchanged(
+            session, stuck.ref, "set_erred", seen_state=stuck.state, seen_operation_id=stuck.operation_id, values=values
+        ):
+            return False  # it moved on since it was found
+        progress = Progress([])
+        if stuck.operation_id is not None:
+            progress = fail_operation(session, stuck.operation_id, "janitor", message, "")
+    if stuck.operation_id is not None:
+        conclude(broker, stuck.operation_id, progress)
+    logger.warning("%s: %s", stuck.ref, message)
+    return True
+
+
+def sweep(broker: dramatiq.Broker, now: datetime | None = None) -> list[Stuck]:
+    """One janitor pass; returns the resources it moved to ERRED."""
+    now = now or utcnow()
+    rescued = []
+    for stuck in find_stuck(now, get_settings().stuck_after_s):
+        if is_alive(broker, stuck.operation_id):
+            logger.info(
+                "%s has been %s since %s, but its operation is still alive", stuck.ref, stuck.state, stuck.since
+            )
+        elif rescue(broker, stuck, now):
+            rescued.append(stuck)
+    return rescued
+
+
+@periodic_job("*/10 * * * *", env="JOBS_JANITOR_SCHEDULE", max_retries=0, time_limit=600_000)
+def janitor() -> None:
+    """Move resources stuck in any of the six transitional states to ERRED."""
+    rescued = sweep(dramatiq.get_broker())
+    logger.info("janitor: %d stuck resource(s) moved to ERRED", len(rescued))
