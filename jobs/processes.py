@@ -34,7 +34,8 @@ class ManagedProcess:
     def stop(self) -> None:
         if self.alive():
             # The dramatiq master forwards SIGTERM to its worker processes and waits for their steps;
-            # the scheduler hands its lease over and exits on it. Only the leader gets it: a worker signalled twice exits at once.
+            # the scheduler hands its lease over and exits on it. Only the group leader gets it: a worker
+            # signalled twice exits at once.
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=STOP_TIMEOUT_S)
