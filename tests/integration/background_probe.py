@@ -9,7 +9,7 @@ from dramatiq.middleware import CurrentMessage
 
 from resources.config import get_settings
 from resources.redis_client import get_redis
-from scheduler.background import periodic_job
+from scheduler.background import background_job, periodic_job
 
 #: Ticks every 3 s unless the test sets JOBS_PROBE_SCHEDULE.
 PROBE_SCHEDULE = "@every 3s"
@@ -24,3 +24,20 @@ def probe_tick() -> None:
     message = CurrentMessage.get_current_message()
     assert message is not None
     get_redis().rpush(runs_key(), f"{message.options['tick']} {message.message_id}")
+
+
+def work_key() -> str:
+    return f"{get_settings().namespace}:probe:work"
+
+
+@background_job(max_retries=0)
+def probe_work(n: int) -> None:
+    """A background job that records its argument."""
+    get_redis().rpush(work_key(), n)
+
+
+@background_job(max_retries=0)
+def probe_block(name: str) -> None:
+    """A background job that runs until the test pushes to its key (or a minute has passed)."""
+    get_redis().rpush(work_key(), f"started {name}")
+    get_redis().blpop([f"{get_settings().namespace}:probe:release:{name}"], timeout=60)
