@@ -50,7 +50,10 @@ class InFlight(Middleware):
         prefix = self._prefix or f"{get_settings().namespace}:inflight"
         return f"{prefix}:{operation_id}"
 
-    def after_enqueue(self, broker: dramatiq.Broker, message: Message[Any], delay: int | None) -> None:
+    # Before, not after, the enqueue: a worker may take, run and acknowledge a copy before the broker's
+    # after-hooks run, and a name added after its removal would stay for good. The price: an enqueue
+    # that then fails (broker unreachable; the sender gets the error) leaves a name until SET_TTL_S.
+    def before_enqueue(self, broker: dramatiq.Broker, message: Message[Any], delay: int | None) -> None:
         operation_id = message.options.get(OPTION_OPERATION)
         if operation_id:
             key = self._key(operation_id)

@@ -212,7 +212,8 @@ def test_a_second_message_for_a_tick_that_ran_is_skipped(stub_broker, stub_worke
 # -- in-flight tracking ----------------------------------------------------------------------------
 
 
-@dramatiq.actor(queue_name="background", max_retries=1, min_backoff=10, max_backoff=10)
+# Its retry waits at least a second: long enough to see the waiting copy.
+@dramatiq.actor(queue_name="background", max_retries=1, min_backoff=2000, max_backoff=2000)
 def op_step(name: str) -> None:
     attempts[name] = attempts.get(name, 0) + 1
     if name == "retrying" and attempts[name] == 1:
