@@ -21,9 +21,9 @@ from dramatiq import Message
 from dramatiq.middleware import Middleware
 
 from resources.config import get_settings
-from resources.redis_client import get_redis
 
 from .plan import OPTION_OPERATION
+from .redis_state import LazyRedis
 
 __all__ = ["InFlight", "find_inflight"]
 
@@ -35,16 +35,10 @@ def _copy_name(message: Message[Any]) -> str:
     return f"{message.message_id}@{message.queue_name}"
 
 
-class InFlight(Middleware):
+class InFlight(LazyRedis, Middleware):
     def __init__(self, client: redis.Redis | None = None, prefix: str | None = None) -> None:
         self._client = client
         self._prefix = prefix
-
-    @property
-    def client(self) -> redis.Redis:
-        if self._client is None:  # lazily: the CLI may start an embedded Redis after import
-            self._client = get_redis()
-        return self._client
 
     def _key(self, operation_id: str) -> str:
         prefix = self._prefix or f"{get_settings().namespace}:inflight"

@@ -19,7 +19,8 @@ from dramatiq import Message
 from dramatiq.middleware import Middleware, SkipMessage
 
 from resources.config import get_settings
-from resources.redis_client import get_redis
+
+from .redis_state import LazyRedis
 
 __all__ = ["OPTION_TICK", "PeriodicTicks"]
 
@@ -31,18 +32,12 @@ OPTION_TICK = "tick"
 CLAIM_TTL_S = 8 * 24 * 3600
 
 
-class PeriodicTicks(Middleware):
+class PeriodicTicks(LazyRedis, Middleware):
     #: The actor option periodiq's ``cron(...)`` goes in, declared here instead of by periodiq's middleware.
     actor_options = {"periodic"}
 
     def __init__(self, client: redis.Redis | None = None) -> None:
         self._client = client
-
-    @property
-    def client(self) -> redis.Redis:
-        if self._client is None:  # lazily: the CLI may start an embedded Redis after import
-            self._client = get_redis()
-        return self._client
 
     def before_process_message(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
         tick = message.options.get(OPTION_TICK)

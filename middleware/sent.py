@@ -11,7 +11,8 @@ from __future__ import annotations
 import redis
 
 from resources.config import get_settings
-from resources.redis_client import get_redis
+
+from .redis_state import LazyRedis
 
 __all__ = ["SentMarks"]
 
@@ -19,16 +20,10 @@ __all__ = ["SentMarks"]
 MARK_TTL_S = 7 * 24 * 3600
 
 
-class SentMarks:
+class SentMarks(LazyRedis):
     def __init__(self, client: redis.Redis | None = None, prefix: str | None = None) -> None:
         self._client = client
         self._prefix = prefix
-
-    @property
-    def client(self) -> redis.Redis:
-        if self._client is None:  # lazily: the CLI may start an embedded Redis after import
-            self._client = get_redis()
-        return self._client
 
     def _key(self, operation_id: str, path: str) -> str:
         prefix = self._prefix or f"{get_settings().namespace}:sent"
