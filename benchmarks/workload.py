@@ -51,6 +51,10 @@ def audited_step(duration_ms: int, fail_once: bool = False) -> None:
     time.sleep(duration_ms / 1000)
 
 
+#: The options of every executor of this workload (see ``audited_steps``).
+AUDIT_OPTIONS = frozenset({"stream", "durations_ms", "delays_ms", "fail_steps"})
+
+
 def audited_steps(kwargs: dict[str, Any]) -> list[Any]:
     """The audited steps: ``durations_ms[i]`` long, ``delays_ms[i]`` after the previous one (the first is
     never delayed), the steps in ``fail_steps`` failing once; written to ``stream``."""
@@ -68,6 +72,8 @@ def audited_steps(kwargs: dict[str, Any]) -> list[Any]:
 
 class AuditedExecutor(BaseExecutor):
     """The workload under our throttle (the provisioning scope of the instance's service settings)."""
+
+    options = AUDIT_OPTIONS
 
     @classmethod
     def throttle_scopes(cls, instance: Resource, **kwargs: Any) -> Sequence[ThrottleScope]:
@@ -97,6 +103,8 @@ def waldur_throttle(ref: str, limit: int) -> None:
 
 class WaldurStyleExecutor(CreateExecutor):
     """The workload behind Waldur's count-and-retry throttle instead of ours."""
+
+    options = AUDIT_OPTIONS
 
     @classmethod
     def throttle_scopes(cls, instance: Resource, **kwargs: Any) -> Sequence[ThrottleScope]:
@@ -129,6 +137,8 @@ def rate_limit_release(key: str, limit: int) -> None:
 
 class RateLimitedExecutor(BaseExecutor):
     """The workload holding a ConcurrentRateLimiter slot from before its first step to after its last."""
+
+    options = AUDIT_OPTIONS
 
     @classmethod
     def get_task_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:

@@ -3,7 +3,8 @@
 Steps take the resource as a ``type:uuid`` reference and find their operation in the step context,
 so every database write is guarded by the operation that ordered it. No database transaction stays
 open while the cloud is called. Regular steps never retry on their own; polls retry explicitly with a
-fixed delay and a bounded number of attempts.
+fixed delay and a bounded number of attempts. Every step retries a transient infrastructure error
+(database or Redis unreachable) with backoff: a blip delays an operation, it does not fail it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dramatiq
 from dramatiq import Retry
 
 from middleware import current_step
+from middleware.transient import retry_transient, retry_transient_or_asked
 from resources.backends import get_backend
 from resources.changes import store_changes
 from resources.config import get_settings
@@ -49,10 +51,6 @@ class PollFailed(JobsError):
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-def _only_explicit_retries(_retries: int, exception: BaseException) -> bool:
-    return isinstance(exception, Retry)
 
 
 def _snapshot(ref: str, *, transition: str | None = None, runtime_state: str | None = None) -> Resource:
@@ -111,7 +109,7 @@ backend_method = dramatiq.actor(
     _run_backend_method,
     actor_name="backend_method",
     queue_name=queues.DEFAULT,
-    max_retries=0,
+    retry_when=retry_transient,
     time_limit=_ms(_settings.step_time_limit_s),
 )
 backend_method.__doc__ = """Call ``backend.<method>(resource, **kwargs)`` and store what it returns.
@@ -123,12 +121,12 @@ heavy_backend_method = dramatiq.actor(
     _run_backend_method,
     actor_name="heavy_backend_method",
     queue_name=queues.HEAVY,
-    max_retries=0,
+    retry_when=retry_transient,
     time_limit=_ms(_settings.step_time_limit_s),
 )
 
 
-@dramatiq.actor(queue_name=queues.DEFAULT, max_retries=0, time_limit=_ms(_settings.step_time_limit_s))
+@dramatiq.actor(queue_name=queues.DEFAULT, retry_when=retry_transient, time_limit=_ms(_settings.step_time_limit_s))
 def state_transition(ref: str, transition: str, clear_action: bool = False) -> None:
     """Apply one named transition (guarded by the current operation)."""
     values = {"action": "", "action_details": {}} if clear_action else None
@@ -136,7 +134,7 @@ def state_transition(ref: str, transition: str, clear_action: bool = False) -> N
         apply_transition(session, ref, transition, operation_id=current_step().operation_id, values=values)
 
 
-@dramatiq.actor(queue_name=queues.DEFAULT, max_retries=3, time_limit=_ms(_settings.step_time_limit_s))
+@dramatiq.actor(queue_name=queues.DEFAULT, retry_when=retry_transient, time_limit=_ms(_settings.step_time_limit_s))
 def error_state_transition(ref: str, clear_action: bool = False) -> None:
     """The usual failure callback: the error is already stored on the resource; move it to ERRED."""
     values = {"action": "", "action_details": {}} if clear_action else None
@@ -147,7 +145,7 @@ def error_state_transition(ref: str, clear_action: bool = False) -> None:
         logger.info("%s is gone; nothing to mark ERRED", ref)
 
 
-@dramatiq.actor(queue_name=queues.DEFAULT, max_retries=3, time_limit=_ms(_settings.step_time_limit_s))
+@dramatiq.actor(queue_name=queues.DEFAULT, retry_when=retry_transient, time_limit=_ms(_settings.step_time_limit_s))
 def delete_resource(ref: str) -> None:
     """Delete the resource's row (the end of a delete). Deleting what is already gone is a success."""
     operation_id = current_step().operation_id
@@ -174,7 +172,7 @@ poll_actor = functools.partial(
     dramatiq.actor,
     queue_name=queues.DEFAULT,
     max_retries=None,
-    retry_when=_only_explicit_retries,
+    retry_when=retry_transient_or_asked,
     time_limit=_ms(_settings.poll_time_limit_s),
 )
 

@@ -9,29 +9,33 @@ from __future__ import annotations
 import os
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.encoder import JSONEncoder
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
     Middleware,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 
-from middleware import Deduplicate, InFlight, OperationTransitions, PeriodicTicks, Throttle
+from middleware import Deduplicate, InFlight, OperationTransitions, OutboxRelay, PeriodicTicks, Throttle
+from middleware.transient import PatientRetries
 from resources.config import get_settings
 
 from . import queues
+from .redis_broker import BrokerMaintenance, JobsRedisBroker
 
 __all__ = ["broker", "build_broker"]
 
 #: Backoff of retried steps, milliseconds. Only polls retry (with their own fixed delay); this is for
 #: actors that opt into retries.
 MIN_BACKOFF_MS = int(os.environ.get("JOBS_MIN_BACKOFF_MS", "1000"))
+#: The longest wait between two attempts (Dramatiq's default is 7 days): a step waiting out a database
+#: outage tries again at least this often.
+MAX_BACKOFF_MS = int(os.environ.get("JOBS_MAX_BACKOFF_MS", "60000"))
 
 
 def build_middleware() -> list[Middleware]:
@@ -54,8 +58,10 @@ def build_middleware() -> list[Middleware]:
         OperationTransitions(throttle=throttle),
         # After it: its after-hook (the step is over: the lease stops expiring) runs first.
         throttle,
-        # Regular steps never retry on their own; polls retry explicitly.
-        Retries(max_retries=0, min_backoff=MIN_BACKOFF_MS),
+        # Steps retry only transient errors (and polls when they ask); see middleware.transient.
+        PatientRetries(max_retries=0, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS),
+        # Sends what a process committed but could not send (killed after its commit, broker down).
+        OutboxRelay(),
     ]
 
 
@@ -64,17 +70,22 @@ def build_broker() -> dramatiq.Broker:
     if os.environ.get("JOBS_BROKER") == "stub":
         broker: dramatiq.Broker = StubBroker(middleware=build_middleware())
     else:
-        broker = RedisBroker(
+        broker = JobsRedisBroker(
             url=settings.broker_url,
             namespace=f"{settings.namespace}:dramatiq",
             middleware=build_middleware(),
             heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
             maintenance_chance=settings.broker_maintenance_chance,
         )
+        # Puts a killed worker's messages back within heartbeat timeout + interval, not by chance.
+        broker.add_middleware(BrokerMaintenance(settings.broker_maintenance_interval_s))
     for name in queues.ALL:
         broker.declare_queue(name)
     return broker
 
 
+# JSON, said explicitly: it is Dramatiq's default, but a PickleEncoder set by anything imported later
+# would let a message body run code in a worker. Every message carries references, never objects.
+dramatiq.set_encoder(JSONEncoder())
 broker = build_broker()
 dramatiq.set_broker(broker)

@@ -9,10 +9,25 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["main"]
+__all__ = ["ExplainedErrorsGroup", "main"]
 
 
-@click.group()
+class ExplainedErrorsGroup(click.Group):
+    """A bad setting, or Redis or the database out of reach, ends the command with a message that says
+    which, why and the fix (passwords hidden), not with a traceback. The scheduler's CLI uses it too."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from resources.connections import explain_connection_errors
+        from resources.errors import ConfigurationError
+
+        try:
+            with explain_connection_errors():
+                return super().invoke(ctx)
+        except ConfigurationError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=ExplainedErrorsGroup)
 def main() -> None:
     """Reliable cloud operations on Dramatiq: executors, workers and their state."""
 
@@ -85,9 +100,10 @@ def migrate() -> None:
     """Create the database schema (the Procfile's release step)."""
     from resources.config import get_settings
     from resources.db import create_schema
+    from resources.urls import redact_url
 
     create_schema()
-    click.echo(f"schema ready on {get_settings().database_url.split('@')[-1]}")
+    click.echo(f"schema ready on {redact_url(get_settings().database_url)}")
 
 
 @main.group()

@@ -3,11 +3,12 @@
 from .context import StepContext, current_step, step_context
 from .dedup import Deduplicate, DuplicateJob, find_deduplicate
 from .inflight import InFlight, find_inflight
+from .outbox import OutboxRelay
 from .periodic import OPTION_TICK, PeriodicTicks
 from .plan import Composable, PlanBuilder
 from .progress import Outgoing, Progress, complete_step, fail_operation, first_steps
-from .throttle import Throttle, ThrottleScope, find_throttle, send_first_steps
-from .transitions import OperationTransitions, conclude, enqueue_all
+from .throttle import Throttle, ThrottleScope, find_throttle
+from .transitions import OperationTransitions, end_operation, enqueue_all
 
 __all__ = [
     "OPTION_TICK",
@@ -16,6 +17,7 @@ __all__ = [
     "DuplicateJob",
     "InFlight",
     "OperationTransitions",
+    "OutboxRelay",
     "Outgoing",
     "PeriodicTicks",
     "PlanBuilder",
@@ -24,14 +26,13 @@ __all__ = [
     "Throttle",
     "ThrottleScope",
     "complete_step",
-    "conclude",
     "current_step",
+    "end_operation",
     "enqueue_all",
     "fail_operation",
     "find_deduplicate",
     "find_inflight",
     "find_throttle",
     "first_steps",
-    "send_first_steps",
     "step_context",
 ]

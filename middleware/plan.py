@@ -12,12 +12,16 @@ Paths name nodes: "" is the root, "0.2" the third child of the root's first chil
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import dramatiq
 from dramatiq import Message
+
+from resources.config import get_settings
+from resources.errors import InvalidArgument
 
 __all__ = [
     "OPTION_CALLBACK",
@@ -135,7 +139,9 @@ class PlanBuilder:
         if callback:
             options[OPTION_CALLBACK] = callback
         # Not message.copy(): it merges options, and Dramatiq's pipe_target must go.
-        return {**message.asdict(), "queue_name": self.queue_name or message.queue_name, "options": options}
+        stamped = {**message.asdict(), "queue_name": self.queue_name or message.queue_name, "options": options}
+        check_message(stamped)
+        return stamped
 
     def finish(self, root: Node | None) -> dict[str, Any]:
         """The plan as stored: node paths stamped on every step message."""
@@ -156,6 +162,38 @@ class PlanBuilder:
             "parties": [vars(p) for p in self.parties],
             OPTION_THROTTLE: throttle,
         }
+
+
+def check_message(fields: dict[str, Any]) -> None:
+    """Refuse a message that cannot travel: arguments that are not JSON (the broker would refuse them
+    after the commit, or Dramatiq's encoder would turn them into something else), or an encoded message
+    larger than ``JOBS_MAX_MESSAGE_BYTES``."""
+    actor = fields["actor_name"]
+    for name, value in [*enumerate(fields["args"]), *fields["kwargs"].items()]:
+        check_json(value, f"argument {name!r} of {actor}")
+    size = len(json.dumps(fields, separators=(",", ":")).encode())
+    limit = get_settings().max_message_bytes
+    if size > limit:
+        raise InvalidArgument(
+            f"a message of {actor} would be {size} bytes, over JOBS_MAX_MESSAGE_BYTES={limit}; store large "
+            "data in the database and pass a reference to it"
+        )
+
+
+def check_json(value: Any, what: str) -> None:
+    """Refuse a value that JSON cannot carry as it is, naming ``what`` it is."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidArgument(
+            f"{what} is {type(value).__name__} {_clip(repr(value))}, which is not JSON ({error}); pass JSON "
+            "values (str, int, float, bool, None, lists and dicts of them), e.g. a resource's ref or uuid "
+            "instead of the object"
+        ) from None
+
+
+def _clip(text: str, length: int = 80) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 def _flatten_messages(signature: Any) -> list[Message]:

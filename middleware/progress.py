@@ -9,8 +9,8 @@ other's completions, and the last one to finish is the only one that moves on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from dramatiq import Broker, Message
 from sqlalchemy import select
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.transitions import record_error
 
-from .plan import advance, ancestors, message_of, start_paths
+from .plan import advance, message_of, start_paths
 
 __all__ = [
     "Outgoing",
@@ -69,12 +69,10 @@ class Progress:
 
 @dataclass(frozen=True)
 class StepCheck:
-    """Whether a delivered step may run. ``skip`` is why not; ``ended`` says its operation is over;
-    ``redrive`` are the steps its completion should have sent (a worker died before sending them)."""
+    """Whether a delivered step may run. ``skip`` is why not; ``ended`` says its operation is over."""
 
     skip: str | None = None
     ended: bool = False
-    redrive: list[Outgoing] = field(default_factory=list)
 
 
 def first_steps(plan: dict, countdown_ms: int | None = None) -> list[Outgoing]:
@@ -92,34 +90,20 @@ def _done_paths(session: Session, operation_id: str) -> set[str]:
     return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
 
 
-def check_step(
-    session: Session, operation_id: str, path: str | None, followers_sent: Callable[[], bool] = lambda: True
-) -> StepCheck:
-    """May step ``path`` of this operation run now?
-
-    A step delivered again after it completed, whose followers were never marked as sent, means the
-    worker that ran it died between committing the completion and sending what follows: the followers
-    that have not completed are returned to send again.
-    """
+def check_step(session: Session, operation_id: str, path: str | None) -> StepCheck:
+    """May step ``path`` of this operation run now? Not when its operation has ended, nor when it has
+    completed already (a duplicate delivery: what follows it was staged in the outbox with its completion,
+    so nothing is lost by skipping it)."""
     status = session.scalar(select(Operation.status).where(Operation.id == operation_id))
     if status is None:
         return StepCheck(skip=f"operation {operation_id} does not exist", ended=True)
     if status != OperationStatus.RUNNING:
         return StepCheck(skip=f"operation {operation_id} already {status}", ended=True)
-    if (
-        path is None
-        or session.scalar(select(StepDone.path).where(StepDone.operation_id == operation_id, StepDone.path == path))
-        is None
+    if path is not None and session.scalar(
+        select(StepDone.path).where(StepDone.operation_id == operation_id, StepDone.path == path)
     ):
-        return StepCheck()
-    duplicate = f"step {path} of operation {operation_id} already completed (duplicate delivery)"
-    if followers_sent():
-        return StepCheck(skip=duplicate)
-    operation = session.get_one(Operation, operation_id)
-    done = _done_paths(session, operation_id)
-    before = done - {path, *ancestors(path)}
-    followers = [p for p in advance(operation.plan["root"], before, path).start if p not in done]
-    return StepCheck(skip=duplicate, redrive=_outgoing(operation.plan, followers))
+        return StepCheck(skip=f"step {path} of operation {operation_id} already completed (duplicate delivery)")
+    return StepCheck()
 
 
 def complete_step(session: Session, operation_id: str, path: str) -> Progress:

@@ -21,14 +21,16 @@ from dramatiq.middleware import Middleware, SkipMessage
 from sqlalchemy.orm import Session
 
 from resources.db import read_scope, session_scope
+from resources.models import OperationStatus
 
 from .context import StepContext, set_step_context
+from .outbox import deliver, stage
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION
-from .progress import Progress, check_step, complete_step, enqueue_all, fail_operation
-from .sent import SentMarks
-from .throttle import Throttle, find_throttle
+from .progress import check_step, complete_step, enqueue_all, fail_operation
+from .throttle import Throttle
+from .transient import Unavailable, retry_in_place
 
-__all__ = ["OperationTransitions", "conclude", "describe_error", "enqueue_all"]
+__all__ = ["OperationTransitions", "describe_error", "end_operation", "enqueue_all"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +40,16 @@ def describe_error(exception: BaseException) -> str:
     return text if text else type(exception).__name__
 
 
-def conclude(broker: dramatiq.Broker, operation_id: str, progress: Progress) -> None:
-    """After an operation's end (a cancel, a janitor) is committed: free its throttle slot or its place
-    in line, and send its failure callbacks."""
-    throttle = find_throttle(broker)
-    if progress.ended and throttle is not None:
-        throttle.release(broker, operation_id)
-    enqueue_all(broker, progress.outgoing)
+def end_operation(
+    broker: dramatiq.Broker, operation_id: str, step_name: str, reason: str, *, status: str = OperationStatus.FAILED
+) -> bool:
+    """End a running operation from outside its steps (a cancel, a message no worker can run): fail it
+    once with ``reason``, then release its slot and send its failure callbacks. False if it had ended."""
+    with session_scope() as session:
+        progress = fail_operation(session, operation_id, step_name, reason, "", status=status)
+        outbox_id = stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
+    deliver(broker, outbox_id, operation_id)
+    return progress.ended
 
 
 class OperationTransitions(Middleware):
@@ -56,13 +61,11 @@ class OperationTransitions(Middleware):
         self,
         sessions: Callable[[], AbstractContextManager[Session]] = session_scope,
         throttle: Throttle | None = None,
-        sent: SentMarks | None = None,
         read_sessions: Callable[[], AbstractContextManager[Session]] = read_scope,
     ) -> None:
         self.sessions = sessions
         self.read_sessions = read_sessions
         self.throttle = throttle
-        self.sent = sent or SentMarks()
 
     @staticmethod
     def _is_step(message: Message[Any]) -> bool:
@@ -75,11 +78,11 @@ class OperationTransitions(Middleware):
         if not self._is_step(message):
             return
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
-        with self.read_sessions() as session:
-            check = check_step(session, operation_id, path, lambda: self.sent.is_marked(operation_id, path))
-        if check.ended and self.throttle is not None:
-            self.throttle.release(broker, operation_id)  # a no-op, unless a crash skipped the release
-        enqueue_all(broker, check.redrive)
+        try:
+            with self.read_sessions() as session:
+                check = check_step(session, operation_id, path)
+        except Exception as error:  # Dramatiq would log it and run the step unchecked
+            raise Unavailable(f"could not check step {path} of operation {operation_id}: {error}") from error
         if check.skip is not None:
             logger.info("skipping %s: %s", message, check.skip)
             raise SkipMessage(check.skip)
@@ -89,6 +92,20 @@ class OperationTransitions(Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
         set_step_context(None)
+
+    def after_nack(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
+        """A message for an actor this worker does not know is dead-lettered by Dramatiq without running
+        any after-process hook: end its operation here, or it would wait for that step forever."""
+        operation_id = message.options.get(OPTION_OPERATION)
+        if message.actor_name in broker.actors or not operation_id:
+            return  # a known step that failed for good was handled in after_process_message
+        reason = (
+            f"message {message.message_id} names actor {message.actor_name!r}, which this worker does not "
+            f"declare; it was dead-lettered on queue {message.queue_name!r}. Deploy the code that declares the "
+            "actor to every worker of that queue, then requeue the message or run the operation again"
+        )
+        logger.error("operation %s: %s", operation_id, reason)
+        end_operation(broker, operation_id, message.actor_name, reason)
 
     def after_process_message(
         self,
@@ -109,19 +126,27 @@ class OperationTransitions(Middleware):
                 )
             return
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
-        if exception is None:
-            with self.sessions() as session:
+        if exception is not None and not message.failed:
+            return  # Retries will deliver it again; not a failure yet.
+        # The step has had its effect: record it even through a database blip, its message unacknowledged
+        # meanwhile (a worker killed here has it delivered again, and the duplicate is harmless).
+        outbox_id = retry_in_place(
+            lambda: self._record(message, operation_id, path, exception),
+            f"recording step {path} of operation {operation_id}",
+        )
+        deliver(broker, outbox_id, operation_id)
+
+    def _record(
+        self, message: Message[Any], operation_id: str, path: str, exception: BaseException | None
+    ) -> str | None:
+        """Record the step's outcome and stage what follows in the outbox, in one transaction; returns the
+        outbox row to deliver."""
+        with self.sessions() as session:
+            if exception is None:
                 progress = complete_step(session, operation_id, path)
-        elif message.failed:
-            error_traceback = "".join(traceback.format_exception(exception))
-            with self.sessions() as session:
+            else:
+                error_traceback = "".join(traceback.format_exception(exception))
                 progress = fail_operation(
                     session, operation_id, message.actor_name, describe_error(exception), error_traceback
                 )
-        else:
-            progress = Progress([])  # Retries will deliver it again; not a failure yet.
-        if progress.ended and self.throttle is not None:
-            self.throttle.release(broker, operation_id)
-        enqueue_all(broker, progress.outgoing)
-        if exception is None and progress.outgoing:
-            self.sent.mark(operation_id, path)
+            return stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)

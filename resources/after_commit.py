@@ -47,6 +47,8 @@ def _descends_from(transaction: SessionTransaction | None, ancestor: SessionTran
 
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # SQLAlchemy fires this on a savepoint's release too; only the outermost commit counts
     callbacks = session.info.pop(_KEY, [])
     errors: list[Exception] = []
     for _transaction, callback in callbacks:

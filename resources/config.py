@@ -7,17 +7,24 @@ which starts an embedded Redis can set ``REDIS_URL`` before anything reads it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from redis.connection import parse_url
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigurationError
 from .states import TRANSITIONAL_STATES, State
+from .urls import redact_text, redact_url
 
-__all__ = ["Settings", "get_settings", "normalise_database_url"]
+__all__ = ["Settings", "check_database_url", "check_redis_url", "get_settings", "normalise_database_url"]
 
 #: Where the default SQLite database lives when DATABASE_URL is unset.
 DEFAULT_DATA_DIR = ".jobs-data"
@@ -67,10 +74,26 @@ class Settings:
     #: hand-off is sent again (covers a crash between the hand-off and sending its message).
     throttle_handoff_timeout_s: float
     #: RedisBroker: a worker silent this long is dead and its unacknowledged messages are put back
-    #: (Dramatiq's default: 60 s) ...
+    #: (Dramatiq's default: 60 s). An idle consumer polls at least every second and every worker runs
+    #: a maintenance thread, so a live worker is never silent this long ...
     broker_heartbeat_timeout_ms: int
-    #: ... checked on this many Redis calls out of a million (Dramatiq's default: 1000).
+    #: ... checked on this many Redis calls out of a million (Dramatiq's default: 1000) ...
     broker_maintenance_chance: int
+    #: ... and, so that the bound does not depend on luck, by every worker this often (seconds): a
+    #: killed worker's messages are back in their queue within heartbeat timeout + this interval.
+    broker_maintenance_interval_s: float = 5.0
+    #: Transactional outbox: a worker's relay sends rows a committing process left unsent (killed
+    #: after its commit, Redis down) once they are this old (seconds) ...
+    outbox_grace_s: float = 5.0
+    #: ... looking every this many seconds: an operation's messages are sent within about
+    #: grace + interval of its commit, as soon as Redis and one worker are up.
+    outbox_relay_interval_s: float = 5.0
+    #: Attempts of a step that hit a transient infrastructure error (database or Redis unreachable)
+    #: before it fails for good; each waits twice as long as the one before, from 1 s up to 60 s.
+    transient_retries: int = 10
+    #: The largest encoded message a producer may send (bytes): big data belongs in the database,
+    #: referenced from the message.
+    max_message_bytes: int = 256 * 1024
     #: The zone cron schedules are read in (an IANA name such as "Europe/Berlin"); UTC by default,
     #: so that "0 3 * * *" means the same hour on every machine.
     scheduler_timezone: str = "UTC"
@@ -93,6 +116,14 @@ class Settings:
     def broker_url(self) -> str:
         """The Redis URL processes connect to: REDIS_URL, else Redis's conventional local address."""
         return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks; the URLs' passwords must not.
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("redis_url", "database_url"):
+            if shown[name] is not None:
+                shown[name] = redact_url(shown[name])
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
 
 def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
@@ -140,11 +171,81 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+#: The forms REDIS_URL may take, for error messages.
+REDIS_URL_FORMS = "redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path/to/socket"
+#: The forms DATABASE_URL may take, for error messages.
+DATABASE_URL_FORMS = "postgresql://user:password@host:port/dbname or sqlite:///path/to/file.sqlite3"
+
+
+def _port_is_number(url: str) -> bool:
+    try:
+        _ = urlsplit(url).port  # reading it is what checks it
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=32)  # get_settings() runs on every session; a URL is checked once
+def check_redis_url(url: str) -> None:
+    """Raise ConfigurationError unless redis-py can connect with ``url`` (scheme redis, rediss or unix)."""
+    shown = f"REDIS_URL={redact_url(url)!r}"
+    scheme = url.partition("://")[0].lower() if "://" in url else None
+    if scheme not in ("redis", "rediss", "unix"):
+        problem = "has no scheme" if scheme is None else f"has scheme {scheme!r}"
+        raise ConfigurationError(f"{shown} {problem}; use {REDIS_URL_FORMS}")
+    if not _port_is_number(url):
+        # urllib's message quotes the text it read as the port, which may be a piece of the password.
+        raise ConfigurationError(
+            f"{shown} has a port that is not a number (percent-encode any '/', '?', '#' or '@' in the "
+            f"password); use {REDIS_URL_FORMS}"
+        )
+    try:
+        options = parse_url(url)
+    except ValueError as error:
+        raise ConfigurationError(
+            f"{shown} is not valid: {redact_text(str(error), url).rstrip('.')}; use {REDIS_URL_FORMS}"
+        ) from None
+    if scheme == "unix" and not options.get("path"):
+        raise ConfigurationError(f"{shown} names no socket; use unix:///path/to/socket")
+
+
+@functools.lru_cache(maxsize=32)
+def check_database_url(url: str) -> None:
+    """Raise ConfigurationError unless SQLAlchemy can parse ``url`` and load its dialect and driver."""
+    shown = f"DATABASE_URL={redact_url(url)!r}"
+    if not _port_is_number(url):
+        raise ConfigurationError(
+            f"{shown} has a port that is not a number (percent-encode any '/', '?', '#' or '@' in the "
+            f"password); use {DATABASE_URL_FORMS}"
+        )
+    try:
+        parsed = make_url(normalise_database_url(url))
+    except (ArgumentError, ValueError):
+        raise ConfigurationError(f"{shown} is not a database URL; use {DATABASE_URL_FORMS}") from None
+    try:
+        dialect = parsed.get_dialect()
+    except ArgumentError:  # NoSuchModuleError: no such dialect or driver
+        raise ConfigurationError(
+            f"{shown} names {parsed.drivername!r}, a dialect+driver SQLAlchemy cannot load; use {DATABASE_URL_FORMS}"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        raise ConfigurationError(
+            f"{shown} needs the Python module {error.name or parsed.get_driver_name()!r}, which is not "
+            f"installed; install it, or use {DATABASE_URL_FORMS} (their drivers come with this project)"
+        ) from None
+
+
 def get_settings() -> Settings:
     data_dir = Path(os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
     database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
+    redis_url = os.environ.get("REDIS_URL") or None
+    if redis_url is not None:
+        check_redis_url(redis_url)
+    check_database_url(database_url)
     settings = Settings(
-        redis_url=os.environ.get("REDIS_URL") or None,
+        redis_url=redis_url,
         database_url=normalise_database_url(database_url),
         data_dir=data_dir,
         namespace=os.environ.get("JOBS_NAMESPACE") or "jobs",
@@ -158,8 +259,13 @@ def get_settings() -> Settings:
         throttle_lease_s=_env_number("JOBS_THROTTLE_LEASE_S", 10.0, float),
         throttle_heartbeat_s=_env_number("JOBS_THROTTLE_HEARTBEAT_S", 2.0, float),
         throttle_handoff_timeout_s=_env_number("JOBS_THROTTLE_HANDOFF_TIMEOUT_S", 60.0, float),
-        broker_heartbeat_timeout_ms=_env_number("JOBS_BROKER_HEARTBEAT_TIMEOUT_MS", 60_000, int),
+        broker_heartbeat_timeout_ms=_env_number("JOBS_BROKER_HEARTBEAT_TIMEOUT_MS", 15_000, int),
         broker_maintenance_chance=_env_number("JOBS_BROKER_MAINTENANCE_CHANCE", 1000, int),
+        broker_maintenance_interval_s=_env_number("JOBS_BROKER_MAINTENANCE_INTERVAL_S", 5.0, float),
+        outbox_grace_s=_env_number("JOBS_OUTBOX_GRACE_S", 5.0, float),
+        outbox_relay_interval_s=_env_number("JOBS_OUTBOX_RELAY_INTERVAL_S", 5.0, float),
+        transient_retries=_env_number("JOBS_TRANSIENT_RETRIES", 10, int),
+        max_message_bytes=_env_number("JOBS_MAX_MESSAGE_BYTES", 256 * 1024, int),
         scheduler_timezone=_env_zone("JOBS_SCHEDULER_TIMEZONE", "UTC"),
         scheduler_lease_s=_env_number("JOBS_SCHEDULER_LEASE_S", 15.0, float),
         dedup_queued_ttl_s=_env_number("JOBS_DEDUP_QUEUED_TTL_S", 86400.0, float),

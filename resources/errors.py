@@ -6,6 +6,7 @@ __all__ = [
     "BackendError",
     "BackendNotFound",
     "ConfigurationError",
+    "InvalidArgument",
     "JobsError",
     "ResourceNotFound",
     "TransitionNotAllowed",
@@ -19,6 +20,11 @@ class JobsError(Exception):
 
 class ConfigurationError(JobsError):
     """A setting or an argument has a value that cannot work; the message says which and the fix."""
+
+
+class InvalidArgument(ConfigurationError):
+    """An executor was given an option or argument it cannot take (unknown, not JSON, too large);
+    raised before anything is written or sent."""
 
 
 class UnknownResourceType(JobsError):

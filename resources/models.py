@@ -19,6 +19,7 @@ __all__ = [
     "Instance",
     "Operation",
     "OperationStatus",
+    "OutboxMessage",
     "Resource",
     "ServiceSettings",
     "StepDone",
@@ -200,3 +201,21 @@ class StepDone(Base):
     operation_id: Mapped[str] = mapped_column(ForeignKey("operations.id", ondelete="CASCADE"), primary_key=True)
     path: Mapped[str] = mapped_column(String(200), primary_key=True)
     done_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OutboxMessage(Base):
+    """Messages written in the same transaction as the state change that orders them, deleted once they
+    are in the broker (the transactional outbox). A row that outlives its grace period was left by a
+    process that died after its commit, or could not reach the broker; a worker's relay sends it."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
+    operation_id: Mapped[str] = mapped_column(String(32), index=True)
+    #: [{"message": <Dramatiq message as a dict>, "delay": <ms or null>}, ...]
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    #: An operation's first steps go through the throttle of these scopes ([[scope, limit], ...]).
+    throttle_scopes: Mapped[list[list[Any]] | None] = mapped_column(JSON, default=None)
+    #: The operation has ended: release its throttle slot (and hand it to the next waiter) with this send.
+    release_throttle: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

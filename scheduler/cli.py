@@ -13,6 +13,7 @@ import dramatiq
 from rich.console import Console
 from rich.table import Table
 
+from jobs.cli import ExplainedErrorsGroup
 from middleware import find_deduplicate
 from resources.config import get_settings
 from resources.errors import ConfigurationError
@@ -53,7 +54,7 @@ def _build(modules: tuple[str, ...]) -> Scheduler:
     )
 
 
-@click.group()
+@click.group(cls=ExplainedErrorsGroup)
 def main() -> None:
     """Periodic background jobs: one leader sends each tick once."""
 
@@ -71,6 +72,8 @@ def run(modules: tuple[str, ...], verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     scheduler = _build(modules)
+    # Fail at start on a Redis that cannot be reached; the loop rides out later outages (logs, tries again).
+    scheduler.lease.client.ping()
     log = logging.getLogger("scheduler")
     for job in scheduler.jobs:
         log.info("periodic job %s: %s (%s)", job.name, job.schedule.expression, _zone_of(job))

@@ -3,9 +3,9 @@
 Waldur rescues only CREATION_SCHEDULED and CREATING, after 3 hours counted from the row's last save.
 Here every transitional state has a timeout (``JOBS_STUCK_<STATE>_S``), counted from when the resource's
 operation started, and a resource is touched only when nothing of its operation is left: no message
-queued, delayed, running or retrying (``InFlight``) and no place in the throttle's line or hand-off. A
-rescued resource goes to ERRED with a message naming the state and how long it was stuck; its
-operation ends as failed, so its failure callbacks run once and its throttle slot is freed.
+queued, delayed, running or retrying (``InFlight``), none waiting in the outbox, and no place in the
+throttle's line or hand-off. A rescued resource goes to ERRED with a message naming the state and how
+long it was stuck; its operation ends as failed, so its failure callbacks run once and its throttle slot is freed.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from datetime import datetime, timedelta
 import dramatiq
 from sqlalchemy import func, select
 
-from middleware import Progress, conclude, fail_operation, find_inflight, find_throttle
+from middleware import fail_operation, find_inflight, find_throttle
+from middleware.outbox import deliver, stage
 from resources.config import get_settings
-from resources.db import session_scope
-from resources.models import Operation, resource_types, utcnow
+from resources.db import read_scope, session_scope
+from resources.models import Operation, OutboxMessage, resource_types, utcnow
 from resources.states import TRANSITIONAL_STATES, State
 from resources.transitions import apply_if_unchanged
 
@@ -74,9 +75,13 @@ def find_stuck(now: datetime, timeouts: dict[State, float]) -> list[Stuck]:
 
 
 def is_alive(broker: dramatiq.Broker, operation_id: str | None) -> bool:
-    """Whether anything of the operation is left: a message anywhere, or a place with the throttle."""
+    """Whether anything of the operation is left: a message anywhere (the outbox included), or a place
+    with the throttle."""
     if operation_id is None:
         return False
+    with read_scope() as session:
+        if session.scalar(select(OutboxMessage.id).where(OutboxMessage.operation_id == operation_id).limit(1)):
+            return True
     inflight = find_inflight(broker)
     if inflight is not None and inflight.copies(operation_id):
         return True
@@ -93,11 +98,11 @@ def rescue(broker: dramatiq.Broker, stuck: Stuck, now: datetime) -> bool:
             session, stuck.ref, "set_erred", seen_state=stuck.state, seen_operation_id=stuck.operation_id, values=values
         ):
             return False  # it moved on since it was found
-        progress = Progress([])
+        outbox_id = None
         if stuck.operation_id is not None:
             progress = fail_operation(session, stuck.operation_id, "janitor", message, "")
-    if stuck.operation_id is not None:
-        conclude(broker, stuck.operation_id, progress)
+            outbox_id = stage(session, stuck.operation_id, progress.outgoing, release_throttle=True)
+    deliver(broker, outbox_id, stuck.operation_id or "-")
     logger.warning("%s: %s", stuck.ref, message)
     return True
 

@@ -18,6 +18,8 @@ from sqlalchemy import delete
 
 from jobs import queues
 from jobs.broker import broker as project_broker
+from middleware import Deduplicate, Throttle
+from middleware.redis_state import LazyRedis
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.config import get_settings
 from resources.db import create_schema, get_engine, session_scope
@@ -97,6 +99,19 @@ def stub_broker(database: None) -> Iterator[StubBroker]:
     yield project_broker
     dramatiq.set_broker(previous)
     project_broker.flush_all()
+    forget_clients(project_broker)
+
+
+def forget_clients(broker: dramatiq.Broker) -> None:
+    """Middleware open their Redis client on first use, for the REDIS_URL of that moment; a test that
+    pointed REDIS_URL at a server of its own must not leave them talking to it."""
+    for middleware in broker.middleware:
+        if isinstance(middleware, LazyRedis):
+            middleware._client = None
+        if isinstance(middleware, Deduplicate):
+            middleware._client, middleware._settings, middleware._scripts = None, None, {}
+        if isinstance(middleware, Throttle):
+            middleware._store = None
 
 
 def forget_guards() -> None:

@@ -16,11 +16,13 @@ import dramatiq
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
-from middleware import PlanBuilder, ThrottleScope, conclude, fail_operation, first_steps, send_first_steps
-from middleware.plan import Node
+from middleware import PlanBuilder, ThrottleScope, end_operation, first_steps
+from middleware.outbox import deliver, stage
+from middleware.plan import Node, check_json
+from middleware.throttle import scopes_of
 from resources.after_commit import on_commit
 from resources.db import get_sessionmaker, join_session, session_scope
-from resources.errors import JobsError
+from resources.errors import InvalidArgument, JobsError
 from resources.models import Operation, OperationStatus, Resource, new_uuid, utcnow
 
 from .. import queues
@@ -51,12 +53,7 @@ class OperationHandle:
         """End the operation now: no further step runs, its failure callbacks run (the resource goes to
         ERRED with ``reason``), and its throttle slot, or its place in line, is released. Returns False
         if it had already ended."""
-        with session_scope() as session:
-            progress = fail_operation(session, self.id, "cancel", reason, "", status=OperationStatus.CANCELLED)
-        if not progress.ended:
-            return False
-        conclude(dramatiq.get_broker(), self.id, progress)
-        return True
+        return end_operation(dramatiq.get_broker(), self.id, "cancel", reason, status=OperationStatus.CANCELLED)
 
     def wait(self, timeout: float = 60.0, interval: float = 0.05) -> Operation:
         """Block until the operation has ended; return its row. For scripts and tests."""
@@ -101,6 +98,11 @@ class BaseExecutor:
 
     #: Human-readable name used in operation records and logs; defaults to the class name.
     name: ClassVar[str | None] = None
+    #: The keyword options ``execute()`` accepts, added to those of the base classes; anything else is
+    #: refused before anything is written (a misspelt option would otherwise be silently ignored).
+    options: ClassVar[frozenset[str]] = frozenset()
+    #: The options a caller must pass.
+    required_options: ClassVar[frozenset[str]] = frozenset()
 
     # -- what subclasses override ------------------------------------------------------------------
     @classmethod
@@ -135,7 +137,32 @@ class BaseExecutor:
         return ExecutorStage(cls, instance, kwargs)
 
     @classmethod
+    def accepted_options(cls) -> frozenset[str]:
+        accepted: set[str] = set()
+        for klass in cls.__mro__:
+            accepted |= vars(klass).get("options", frozenset()) | vars(klass).get("required_options", frozenset())
+        return frozenset(accepted)
+
+    @classmethod
+    def check_options(cls, kwargs: dict[str, Any]) -> None:
+        """Refuse unknown or missing options, naming them and the ones this executor takes."""
+        for name, value in kwargs.items():
+            check_json(value, f"option {name!r} of {cls.executor_name()}.execute()")
+        accepted = cls.accepted_options()
+        unknown = sorted(set(kwargs) - accepted)
+        missing = sorted(set().union(*(vars(k).get("required_options", ()) for k in cls.__mro__)) - set(kwargs))
+        if not unknown and not missing:
+            return
+        takes = ", ".join(sorted(accepted)) or "no options"
+        problem = f"unknown option(s) {', '.join(map(repr, unknown))}" if unknown else f"missing option(s) {missing}"
+        raise InvalidArgument(
+            f"{cls.executor_name()}.execute() got {problem}; it takes: {takes}. Check the spelling, or declare "
+            f"a new option in {cls.__name__}.options"
+        )
+
+    @classmethod
     def _build(cls, builder: OperationBuilder, instance: Resource, kwargs: dict[str, Any]) -> Node | None:
+        cls.check_options(kwargs)
         party = builder.add_party(instance.ref, cls.executor_name())
         builder.add_throttle((scope.key, scope.limit) for scope in cls.throttle_scopes(instance, **kwargs))
         cls.pre_apply(instance, session=builder.session, operation_id=builder.operation_id, **kwargs)
@@ -178,23 +205,31 @@ class BaseExecutor:
         assert session is not None
         try:
             operation_id = new_uuid()
-            builder = OperationBuilder(operation_id, session, queue_name=queues.HEAVY if is_heavy_task else None)
-            plan = builder.finish(cls._build(builder, instance, kwargs))
-            finished = plan["root"] is None
-            session.add(
-                Operation(
-                    id=operation_id,
-                    executor=cls.executor_name(),
-                    resource_ref=instance.ref,
-                    plan=plan,
-                    status=OperationStatus.SUCCEEDED if finished else OperationStatus.RUNNING,
-                    finished_at=utcnow() if finished else None,
+            # A savepoint: an error in pre_apply or in building the work undoes pre_apply's changes too,
+            # so the caller's transaction is left as it was, whatever the caller then does.
+            with session.begin_nested():
+                builder = OperationBuilder(operation_id, session, queue_name=queues.HEAVY if is_heavy_task else None)
+                plan = builder.finish(cls._build(builder, instance, kwargs))
+                finished = plan["root"] is None
+                session.add(
+                    Operation(
+                        id=operation_id,
+                        executor=cls.executor_name(),
+                        resource_ref=instance.ref,
+                        plan=plan,
+                        status=OperationStatus.SUCCEEDED if finished else OperationStatus.RUNNING,
+                        finished_at=utcnow() if finished else None,
+                    )
                 )
-            )
-            countdown_ms = int(countdown * 1000) if countdown else None
-            outgoing = first_steps(plan, countdown_ms if is_async else None)
+                countdown_ms = int(countdown * 1000) if countdown else None
+                outgoing = first_steps(plan, countdown_ms if is_async else None)
+                # Written with the state change, sent after the commit; the relay sends it if this process
+                # dies in between or the broker is down.
+                outbox_id = (
+                    stage(session, operation_id, outgoing, throttle_scopes=scopes_of(plan)) if is_async else None
+                )
             if is_async:
-                on_commit(session, lambda: send_first_steps(dramatiq.get_broker(), operation_id, plan, outgoing))
+                on_commit(session, lambda: deliver(dramatiq.get_broker(), outbox_id, operation_id))
             else:
                 _run_in_transaction(session, operation_id, outgoing, commit_on_failure=own_session)
             if own_session:

@@ -29,12 +29,18 @@ __all__ = [
 ]
 
 
+#: Every example executor lets a caller tune its polls.
+POLL_OPTIONS = frozenset({"interval_s", "attempts"})
+
+
 def _poll_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Poll interval and attempts a caller may pass through execute(); unset means the configured ones."""
     return {k: kwargs[k] for k in ("interval_s", "attempts") if kwargs.get(k) is not None}
 
 
 class VolumeCreateExecutor(CreateExecutor):
+    options = POLL_OPTIONS
+
     @classmethod
     def get_task_signature(cls, instance: Volume, serialized_instance: str, **kwargs: Any) -> Signature:
         return [
@@ -45,6 +51,8 @@ class VolumeCreateExecutor(CreateExecutor):
 
 class InstanceCreateExecutor(CreateExecutor):
     """begin_creating → create every volume in parallel → create the server → wait until ACTIVE."""
+
+    options = POLL_OPTIONS
 
     @classmethod
     def get_task_signature(cls, instance: Instance, serialized_instance: str, **kwargs: Any) -> Signature:
@@ -58,6 +66,8 @@ class InstanceCreateExecutor(CreateExecutor):
 
 class InstanceUpdateExecutor(UpdateExecutor):
     """Push ``updated_fields`` (e.g. a new name) to the backend."""
+
+    options = POLL_OPTIONS
 
     @classmethod
     def get_task_signature(cls, instance: Instance, serialized_instance: str, **kwargs: Any) -> Signature:
@@ -76,6 +86,8 @@ class InstanceResizeExecutor(ActionExecutor):
     """Resize to ``flavor``. The resize itself is heavy work: it runs on the heavy queue."""
 
     action = "resize"
+    options = POLL_OPTIONS
+    required_options = frozenset({"flavor"})
 
     @classmethod
     def pre_apply(cls, instance: Instance, **kwargs: Any) -> None:
@@ -93,6 +105,8 @@ class InstanceResizeExecutor(ActionExecutor):
 
 class VolumeExtendExecutor(ActionExecutor):
     action = "extend"
+    options = POLL_OPTIONS
+    required_options = frozenset({"size_gb"})
 
     @classmethod
     def get_task_signature(cls, instance: Volume, serialized_instance: str, **kwargs: Any) -> Signature:
@@ -104,6 +118,8 @@ class VolumeExtendExecutor(ActionExecutor):
 
 
 class VolumeDeleteExecutor(DeleteExecutor):
+    options = POLL_OPTIONS
+
     @classmethod
     def get_task_signature(cls, instance: Volume, serialized_instance: str, **kwargs: Any) -> Signature:
         return [
@@ -114,6 +130,8 @@ class VolumeDeleteExecutor(DeleteExecutor):
 
 class InstanceDeleteExecutor(DeleteExecutor):
     """begin_deleting → delete the server → wait until it is gone → delete every volume in parallel."""
+
+    options = POLL_OPTIONS
 
     @classmethod
     def get_task_signature(cls, instance: Instance, serialized_instance: str, **kwargs: Any) -> Signature:

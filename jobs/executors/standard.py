@@ -51,6 +51,8 @@ class CreateExecutor(_OkOrErredExecutor):
 class UpdateExecutor(_OkOrErredExecutor):
     """Gets ``updated_fields``; the work should begin with ``begin_updating``."""
 
+    options = frozenset({"updated_fields"})
+
     @classmethod
     def pre_apply(cls, instance: Resource, *, session: Session, operation_id: str, **kwargs: Any) -> None:
         apply_transition(session, instance.ref, "schedule_updating", operation_id=operation_id)
@@ -58,6 +60,8 @@ class UpdateExecutor(_OkOrErredExecutor):
 
 class ActionExecutor(BaseExecutor):
     """Gets ``action`` and ``action_details``, shown on the resource while the action runs."""
+
+    options = frozenset({"action", "action_details"})
 
     #: The label stored in ``Resource.action`` when the caller does not pass one.
     action: str = ""
@@ -86,6 +90,8 @@ class ActionExecutor(BaseExecutor):
 
 class DeleteExecutor(BaseExecutor):
     """On success the row is deleted. ``force=True`` deletes the row even when the work fails."""
+
+    options = frozenset({"force"})
 
     @classmethod
     def pre_apply(cls, instance: Resource, *, session: Session, operation_id: str, **kwargs: Any) -> None:

@@ -1,6 +1,6 @@
 """Per-scope concurrency throttle spanning whole operations (see ``middleware.py``)."""
 
-from .middleware import Throttle, ThrottleUnavailable, find_throttle, scopes_of, send_first_steps
+from .middleware import Throttle, ThrottleUnavailable, find_throttle, scopes_of
 from .scopes import ThrottleScope
 from .store import Admission, Explanation, Handoff, Holder, ThrottleStore, Waiter
 
@@ -16,5 +16,4 @@ __all__ = [
     "Waiter",
     "find_throttle",
     "scopes_of",
-    "send_first_steps",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq import Message
-from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
+from dramatiq.middleware import Middleware, SkipMessage
 
 from resources.config import Settings, get_settings
 from resources.redis_client import get_redis
@@ -30,16 +30,18 @@ from resources.redis_client import get_redis
 from ..heartbeat import Heartbeat
 from ..plan import OPTION_OPERATION, OPTION_THROTTLE
 from ..progress import Outgoing, enqueue_all
+from ..transient import Unavailable
 from .scopes import ThrottleScope
 from .store import Handoff, ThrottleStore
 
-__all__ = ["Throttle", "ThrottleUnavailable", "find_throttle", "scopes_of", "send_first_steps"]
+__all__ = ["Throttle", "ThrottleUnavailable", "find_throttle", "scopes_of"]
 
 logger = logging.getLogger(__name__)
 
 
-class ThrottleUnavailable(MiddlewareError):
-    """The throttle could not be asked (Redis unreachable). The step does not run unthrottled."""
+class ThrottleUnavailable(Unavailable):
+    """The throttle could not be asked (Redis unreachable). The step does not run unthrottled: it is
+    retried later, like any step that met a transient error."""
 
 
 def scopes_of(options: dict[str, Any]) -> list[ThrottleScope]:
@@ -48,17 +50,6 @@ def scopes_of(options: dict[str, Any]) -> list[ThrottleScope]:
 
 def find_throttle(broker: dramatiq.Broker) -> Throttle | None:
     return next((m for m in broker.middleware if isinstance(m, Throttle)), None)
-
-
-def send_first_steps(broker: dramatiq.Broker, operation_id: str, plan: dict[str, Any], outgoing: list[Outgoing]) -> str:
-    """Send an operation's first steps, through the broker's throttle when the operation is throttled.
-    Returns "granted" (sent), "parked" (sent when its turn comes) or "held"/"done" (sent before)."""
-    throttle = find_throttle(broker)
-    scopes = scopes_of(plan)  # the plan keeps them under the same key as its messages' options
-    if throttle is None:
-        enqueue_all(broker, outgoing)
-        return "granted"
-    return throttle.submit(broker, operation_id, scopes, outgoing)
 
 
 def _encoded(message: Message[Any]) -> str:

@@ -87,6 +87,11 @@ class SimulatedCloud:
     def creates_made(self, resource_type: str) -> int:
         return int(self.redis.get(f"{self.prefix}:creates:{resource_type}") or 0)
 
+    def duplicate_creates(self) -> dict[str, int]:
+        """Resources the cloud created more than one object for (should always be empty)."""
+        counts = self.redis.hgetall(f"{self.prefix}:creates_by_ref")
+        return {ref: int(n) for ref, n in counts.items() if int(n) > 1}
+
     def object(self, backend_id: str) -> dict[str, str]:
         return self.redis.hgetall(f"{self.prefix}:obj:{backend_id}")
 
@@ -142,6 +147,7 @@ class SimulatedCloud:
             },
         )
         self.redis.incr(f"{self.prefix}:creates:{resource.resource_type}")
+        self.redis.hincrby(f"{self.prefix}:creates_by_ref", resource.ref, 1)
         return {"backend_id": backend_id, "runtime_state": building}
 
     def _runtime_state(self, backend_id: str) -> str:

@@ -87,3 +87,17 @@ def test_outside_a_transaction_it_sends_at_once(stub_broker):
     assert _queued(stub_broker) == 1
     with session_scope() as session:
         assert session.get(Instance, instance.id).operation_id == handle.id
+
+
+def test_a_released_savepoint_sends_nothing_before_the_outer_commit(stub_broker):
+    # Given an operation executed in a transaction, then a savepoint released in the same transaction
+    tenant = make_tenant()
+    first, second = make_instance(tenant, "a", volumes=0), make_instance(tenant, "b", volumes=0)
+    with get_sessionmaker()() as session:
+        InstanceCreateExecutor.execute(session.get(Instance, first.id))
+        with session.begin_nested():
+            InstanceCreateExecutor.execute(session.get(Instance, second.id))
+        # Then nothing is sent yet (SQLAlchemy reports a savepoint's release as a commit)
+        assert _queued(stub_broker) == 0
+        session.commit()
+    assert _queued(stub_broker) == 2

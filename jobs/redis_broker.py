@@ -1,0 +1,488 @@
+"""Dramatiq's RedisBroker, hardened against malformed messages and with bounded recovery of dead workers.
+
+Two gaps of the stock broker are closed here:
+
+- **Malformed bodies.** Dramatiq's consumer decodes each fetched body in ``__next__``; a body that is not
+  a message (random bytes, JSON of another shape) raises out of the consumer, whose thread then logs an
+  "unexpected error" and starts a new consumer. The old consumer's prefetched messages and the bad one
+  stay in this worker's acknowledgement set until the worker dies, and then maintenance hands the bad
+  one to the next worker. :class:`JobsRedisConsumer` checks every fetched body first: one that does not
+  decode, or decodes to something not shaped like a message of this queue, is moved to the queue's
+  dead-letter set (``<queue>.XQ``, kept for Dramatiq's dead-message TTL), logged, and skipped; the
+  consumer goes on with the next one. When the body still names its operation, ``on_malformed`` is
+  called so that the operation fails instead of waiting for a step that will never run.
+- **Recovery that depends on luck.** A killed worker's unacknowledged messages go back to their queue
+  only during "maintenance", which Dramatiq runs on a random ``maintenance_chance`` per million Redis
+  calls, for the queue of that call. :meth:`JobsRedisBroker.run_maintenance` runs it now, and the
+  :class:`BrokerMaintenance` middleware does so in every worker every few seconds: a killed worker's
+  messages are back within heartbeat timeout + interval.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq import Message
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import MAINTENANCE_COMMAND_BLACKLIST, RedisBroker, _RedisConsumer
+from dramatiq.common import compute_backoff, q_name
+from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.middleware import Middleware
+
+from middleware.heartbeat import Heartbeat
+from middleware.plan import OPTION_OPERATION
+from middleware.transitions import end_operation
+from resources.config import get_settings
+
+__all__ = [
+    "BrokerMaintenance",
+    "JobsRedisBroker",
+    "JobsRedisConsumer",
+    "MalformedCallback",
+    "fail_malformed_operation",
+    "malformed_reason",
+    "preview",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``on_malformed(queue_name, redis_message_id, operation_id, reason)``.
+MalformedCallback = Callable[[str, str, str, str], None]
+
+#: How much of a bad body the log shows, in characters.
+PREVIEW_CHARS = 200
+#: Longest reason (decode error, shape problem) put in a log line or an operation's error.
+REASON_CHARS = 300
+#: Ack-set members whose bodies are read per HMGET while looking for a bad body's id.
+_SCAN_CHUNK = 500
+#: The fields ``Message.asdict()`` writes; ``message_id`` and ``message_timestamp`` have defaults.
+_REQUIRED_FIELDS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options"})
+_FIELDS = _REQUIRED_FIELDS | {"message_id", "message_timestamp"}
+#: Used in place of an id that could not be found (the body vanished from the ack set meanwhile).
+UNKNOWN_ID = "(unknown id)"
+
+
+def preview(data: bytes | str | None, limit: int = PREVIEW_CHARS) -> str:
+    """A printable, clipped rendering of a message body for a log line."""
+    if data is None:
+        return "<no body>"
+    text = data.decode("utf-8", "backslashreplace") if isinstance(data, bytes) else data
+    pieces: list[str] = []
+    length = 0
+    for char in text[: limit + 1]:  # every char renders as at least one
+        piece = char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        if length + len(piece) > limit:
+            pieces.append(f"… ({len(data)} {'bytes' if isinstance(data, bytes) else 'chars'})")
+            break
+        pieces.append(piece)
+        length += len(piece)
+    return "".join(pieces)
+
+
+def _clip(text: str, limit: int = REASON_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe_decode_error(error: Exception) -> str:
+    # Dramatiq's JSON encoder puts the whole body in its message; the cause says what is wrong.
+    cause = error.error if isinstance(error, DecodeError) and isinstance(error.error, Exception) else error
+    return _clip(f"it does not decode: {type(cause).__name__}: {cause}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def malformed_reason(fields: Any, queue_name: str) -> str | None:
+    """Why decoded ``fields`` are not a message a worker consuming ``queue_name`` can handle; None if they are.
+
+    Checks what Dramatiq's worker relies on without checking: a worker thread finds its consumer by the
+    message's queue name (an unknown one kills the thread), acknowledges it by
+    ``options["redis_message_id"]`` and looks its actor up by name.
+    """
+    if not isinstance(fields, dict):
+        return f"it is a JSON {type(fields).__name__}, not a message object"
+    missing = sorted(_REQUIRED_FIELDS - fields.keys())
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    unknown = sorted(str(k) for k in fields.keys() - _FIELDS)
+    if unknown:
+        return _clip(f"it has unknown fields {', '.join(unknown)}")
+    if fields["queue_name"] != queue_name:
+        return _clip(f"its queue_name {fields['queue_name']!r} is not the queue it is on")
+    if not isinstance(fields["actor_name"], str) or not fields["actor_name"]:
+        return _clip(f"its actor_name {fields['actor_name']!r} is not a name")
+    if not isinstance(fields["args"], list | tuple):
+        return f"its args are a {type(fields['args']).__name__}, not a list"
+    if not isinstance(fields["kwargs"], dict) or not all(isinstance(k, str) for k in fields["kwargs"]):
+        return f"its kwargs are a {type(fields['kwargs']).__name__}, not an object"
+    options = fields["options"]
+    if not isinstance(options, dict):
+        return f"its options are a {type(options).__name__}, not an object"
+    redis_message_id = options.get("redis_message_id")
+    if not isinstance(redis_message_id, str) or not redis_message_id:
+        return _clip(f"its options have no redis_message_id (got {redis_message_id!r})")
+    if "eta" in options and options["eta"] is not None and not _is_number(options["eta"]):
+        return _clip(f"its eta {options['eta']!r} is not a time")
+    if "message_id" in fields and (not isinstance(fields["message_id"], str) or not fields["message_id"]):
+        return _clip(f"its message_id {fields['message_id']!r} is not an id")
+    if "message_timestamp" in fields and not _is_number(fields["message_timestamp"]):
+        return _clip(f"its message_timestamp {fields['message_timestamp']!r} is not a time")
+    return None
+
+
+def _operation_of(fields: Any) -> str | None:
+    options = fields.get("options") if isinstance(fields, dict) else None
+    operation_id = options.get(OPTION_OPERATION) if isinstance(options, dict) else None
+    return operation_id if isinstance(operation_id, str) and operation_id else None
+
+
+def fail_malformed_operation(
+    broker: dramatiq.Broker, queue_name: str, message_id: str, operation_id: str, reason: str
+) -> None:
+    """The default ``on_malformed``: fail the operation whose message was dead-lettered, free its throttle
+    slot and send its failure callbacks. Never raises: it runs in a consumer thread."""
+    error = f"message {message_id} on queue {queue_name} could not be read ({reason}); it was dead-lettered"
+    try:
+        end_operation(broker, operation_id, "unreadable message", error)
+    except Exception:
+        logger.exception(
+            "could not fail operation %s after dead-lettering its message %s on queue %s",
+            operation_id,
+            message_id,
+            queue_name,
+        )
+
+
+@dataclass
+class _Fetched:
+    """One fetched body on its way through the checks."""
+
+    data: bytes | None
+    message: Message[Any] | None = None
+    reason: str = ""
+    operation_id: str | None = None
+    #: The ids it is stored under in this worker's ack set, once found (several only for lost bodies).
+    ids: list[bytes] = field(default_factory=list)
+
+
+class JobsRedisConsumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, checking every body before a worker sees it.
+
+    ``__next__`` is replaced (Dramatiq's decodes inside it and lets the error escape). Fetched bodies go
+    through ``_unchecked`` (fetched, not yet checked) and ``_rejects`` (bad, not yet dead-lettered) before
+    the good ones reach ``message_cache``, which here holds decoded messages. A Redis error in between
+    keeps them for the next call instead of dropping them with the consumer.
+    """
+
+    broker: JobsRedisBroker
+
+    def __init__(
+        self, broker: JobsRedisBroker, queue_name: str, prefetch: int, timeout: int, *, recover_orphans: bool = False
+    ) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)
+        self._recover_orphans_first = recover_orphans
+        self.message_cache: list[Message[Any]] = []
+        self._unchecked: list[bytes | None] = []
+        self._rejects: list[_Fetched] = []
+        self._settle_failures = 0
+
+    # Dramatiq's counts handed-out and cached messages; fetched ones still being checked count too, or the
+    # consumer would fetch past its prefetch limit.
+    @property
+    def outstanding_message_count(self) -> int:
+        return len(self.queued_message_ids) + len(self.message_cache) + len(self._unchecked) + len(self._rejects)
+
+    @property
+    def acks_key(self) -> str:
+        """This worker's set of fetched, unacknowledged message ids of this queue (see dispatch.lua)."""
+        return f"{self.broker.namespace}:__acks__.{self.broker.broker_id}.{self.queue_name}"
+
+    @property
+    def bodies_key(self) -> str:
+        """The queue's hash of message id → body."""
+        return f"{self.broker.namespace}:{self.queue_name}.msgs"
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            if self._recover_orphans_first:
+                self._recover_orphans()
+                self._recover_orphans_first = False
+            while True:
+                if self._unchecked or self._rejects:
+                    try:
+                        self._settle()
+                        self._settle_failures = 0
+                    except (redis.ConnectionError, redis.TimeoutError) as error:
+                        # Keep them: a new consumer would not know them, and they would sit in this
+                        # worker's ack set until it dies.
+                        if self._settle_failures == 0:
+                            self.logger.warning("Redis unreachable while checking fetched messages: %s", error)
+                        self._settle_failures, backoff_ms = compute_backoff(
+                            self._settle_failures, factor=100, max_backoff=5000
+                        )
+                        time.sleep(backoff_ms / 1000)
+                        return None
+                if self.message_cache:
+                    message = self.message_cache.pop(0)
+                    self.misses = 0
+                    self.queued_message_ids.add(message.message_id)
+                    self.broker.handed_out(self.queue_name, message.options["redis_message_id"])
+                    return MessageProxy(message)
+                if self.outstanding_message_count < self.prefetch:
+                    fetched = self.broker.do_fetch(self.queue_name, self.prefetch - self.outstanding_message_count)
+                    if fetched:
+                        self._unchecked = list(fetched)
+                        continue
+                # Nothing to hand out: long-poll progressively up to the idle timeout, as Dramatiq does.
+                self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                time.sleep(backoff_ms / 1000)
+                return None
+        except redis.ConnectionError as error:
+            raise ConnectionClosed(error) from None
+
+    def ack(self, message: MessageProxy) -> None:
+        super().ack(message)
+        self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
+
+    def nack(self, message: MessageProxy) -> None:
+        super().nack(message)
+        self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
+
+    def _recover_orphans(self) -> None:
+        """Put back the messages a previous consumer of this queue lost in a connection error.
+
+        Dramatiq then drops the consumer's prefetched messages and, for a delay queue, every delayed message
+        the worker held in memory; their ids stay in this worker's ack set, which nothing reads again while
+        the worker lives (maintenance only requeues dead workers' sets). Every id of that set that no
+        worker thread holds is an orphan; on a delay queue, all of them are.
+        """
+        held = set() if self.queue_name != q_name(self.queue_name) else self.broker.held(self.queue_name)
+        orphans = [i for i in (m.decode() for m in self.broker.client.smembers(self.acks_key)) if i not in held]
+        if orphans:
+            self.broker.do_requeue(self.queue_name, *orphans)
+            self.logger.warning(
+                "put back %d message(s) of queue %r that a lost connection had left unprocessed",
+                len(orphans),
+                self.queue_name,
+            )
+
+    def close(self) -> None:
+        # Dramatiq forgets a closed consumer's prefetched messages: they would stay in this worker's ack
+        # set until it dies. Put them back now (the script only requeues ids still in that set).
+        pending = [message.options["redis_message_id"] for message in self.message_cache]
+        self.message_cache = []
+        if pending:
+            try:
+                self.broker.do_requeue(self.queue_name, *pending)
+            except redis.RedisError as error:
+                self.logger.warning("could not requeue %d prefetched messages: %s", len(pending), error)
+        super().close()
+
+    # -- the checks ----------------------------------------------------------------------------------
+    def _settle(self) -> None:
+        """Check the fetched batch (reads only), then dead-letter its bad bodies one by one."""
+        if self._unchecked:
+            entries = [self._inspect(data) for data in self._unchecked]
+            self._verify_ids([e for e in entries if e.message is not None])
+            rejects = [e for e in entries if e.message is None]
+            if rejects:
+                self._locate(rejects)
+            self.message_cache.extend(e.message for e in entries if e.message is not None)
+            self._rejects.extend(rejects)
+            self._unchecked = []
+        while self._rejects:
+            self._reject(self._rejects[0])
+            self._rejects.pop(0)
+
+    def _inspect(self, data: bytes | None) -> _Fetched:
+        if data is None:
+            # Dramatiq's issue #266: an id whose body is gone. Its id only clutters the ack set.
+            return _Fetched(None, reason="its body is missing from the queue")
+        try:
+            fields = dramatiq.get_encoder().decode(data)
+        except Exception as error:
+            return _Fetched(data, reason=_describe_decode_error(error))
+        entry = _Fetched(data, operation_id=_operation_of(fields))
+        reason = malformed_reason(fields, self.queue_name)
+        if reason is not None:
+            entry.reason = reason
+            return entry
+        try:
+            entry.message = Message(**fields)
+        except Exception as error:
+            entry.reason = _clip(f"it is not a message: {type(error).__name__}: {error}")
+        return entry
+
+    def _verify_ids(self, entries: Sequence[_Fetched]) -> None:
+        """A body must be stored under the id it names and that id fetched by this worker: acknowledging
+        it removes exactly that id from the ack set. One round trip per fetch."""
+        if not entries:
+            return
+        claimed = [e.message.options["redis_message_id"] for e in entries if e.message is not None]
+        with self.broker.client.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.bodies_key, claimed)
+            for redis_message_id in claimed:
+                pipe.sismember(self.acks_key, redis_message_id)
+            stored, *fetched = pipe.execute()
+        for entry, redis_message_id, body, ours in zip(entries, claimed, stored, fetched, strict=True):
+            if body != entry.data or not ours:
+                entry.message = None
+                entry.reason = _clip(f"its redis_message_id {redis_message_id!r} is not the id it is stored under")
+
+    def _locate(self, rejects: Sequence[_Fetched]) -> None:
+        """Find each bad body's id: the member of this worker's ack set whose stored body equals it.
+
+        Members acknowledged meanwhile by a worker thread vanish from both the set and the hash; an id
+        whose body is gone is therefore only ever nacked harmlessly (nack of a non-member does nothing).
+        """
+        members = sorted(self.broker.client.smembers(self.acks_key))
+        bodies: dict[bytes, bytes | None] = {}
+        for start in range(0, len(members), _SCAN_CHUNK):
+            chunk = members[start : start + _SCAN_CHUNK]
+            bodies.update(zip(chunk, self.broker.client.hmget(self.bodies_key, chunk), strict=True))
+        taken: set[bytes] = set()
+        for entry in rejects:
+            if entry.data is None:
+                entry.ids = [m for m, body in bodies.items() if body is None and m not in taken]
+            else:
+                entry.ids = [m for m, body in bodies.items() if body == entry.data and m not in taken][:1]
+            taken.update(entry.ids)
+
+    def _reject(self, entry: _Fetched) -> None:
+        """Dead-letter one bad body (idempotent: a repeated nack finds the id gone), log it, tell its
+        operation. Only the nack may raise."""
+        for member in entry.ids:
+            self.broker.do_nack(self.queue_name, member)
+        ids = [m.decode("utf-8", "backslashreplace") if isinstance(m, bytes) else str(m) for m in entry.ids]
+        if entry.data is None:
+            logger.warning(
+                "queue %s: fetched message ids whose bodies are gone; removed %s from this worker's acknowledgements",
+                self.queue_name,
+                ", ".join(ids) or "nothing",
+            )
+            return
+        message_id = ids[0] if ids else UNKNOWN_ID
+        logger.error(
+            "queue %s: message %s is malformed (%s); %s. Body: %s",
+            self.queue_name,
+            message_id,
+            entry.reason,
+            "moved it to the dead-letter queue" if ids else "it is no longer in this worker's acknowledgements",
+            preview(entry.data),
+        )
+        # Not found: the body left the ack set meanwhile (a purge), so nothing was dead-lettered here.
+        if ids and entry.operation_id is not None and self.broker.on_malformed is not None:
+            try:
+                self.broker.on_malformed(self.queue_name, message_id, entry.operation_id, entry.reason)
+            except Exception:
+                logger.exception("on_malformed failed for message %s of operation %s", message_id, entry.operation_id)
+
+
+class JobsRedisBroker(RedisBroker):
+    """A RedisBroker whose consumers survive malformed messages and which can run maintenance on demand.
+
+    ``on_malformed(queue_name, redis_message_id, operation_id, reason)`` is called from a consumer thread
+    after a body naming its operation was dead-lettered; by default the operation fails
+    (:func:`fail_malformed_operation`). Other arguments are RedisBroker's.
+    """
+
+    def __init__(self, *, on_malformed: MalformedCallback | None = None, **parameters: Any) -> None:
+        self._local = threading.local()
+        #: Per queue, the ids of messages handed to worker threads and not yet acked or nacked.
+        self._held: dict[str, set[str]] = {}
+        self._held_lock = threading.Lock()
+        #: Queues a consumer was made for: a second one follows a lost connection.
+        self._consumed: set[str] = set()
+        super().__init__(**parameters)
+        self.on_malformed: MalformedCallback | None = on_malformed or functools.partial(fail_malformed_operation, self)
+
+    @property
+    def consumer_class(self) -> type[JobsRedisConsumer]:
+        return JobsRedisConsumer
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> JobsRedisConsumer:
+        again = queue_name in self._consumed
+        self._consumed.add(queue_name)
+        return JobsRedisConsumer(self, queue_name, prefetch, timeout, recover_orphans=again)
+
+    def handed_out(self, queue_name: str, redis_message_id: str) -> None:
+        with self._held_lock:
+            self._held.setdefault(queue_name, set()).add(redis_message_id)
+
+    def handed_back(self, queue_name: str, redis_message_id: str) -> None:
+        with self._held_lock:
+            self._held.get(queue_name, set()).discard(redis_message_id)
+
+    def held(self, queue_name: str) -> set[str]:
+        with self._held_lock:
+            return set(self._held.get(queue_name, ()))
+
+    def maintenance_queues(self) -> list[str]:
+        """Every declared queue and delay queue: maintenance works one queue at a time."""
+        return sorted({*self.get_declared_queues(), *self.get_declared_delay_queues()})
+
+    def run_maintenance(self, queue_names: Iterable[str] | None = None) -> None:
+        """Run Dramatiq's maintenance now for each queue (all declared ones by default): put dead workers'
+        unacknowledged messages back in their queue and drop expired dead letters.
+
+        dispatch.lua runs maintenance, when asked, for the queue of the call at hand, before the command;
+        ``qsize`` only reads, so it is the vehicle.
+        """
+        names = list(queue_names) if queue_names is not None else self.maintenance_queues()
+        self._local.forced = True
+        try:
+            for name in names:
+                self.do_qsize(name)
+        finally:
+            self._local.forced = False
+
+    # Overrides a Dramatiq internal: it draws the random maintenance chance for every dispatched command.
+    # Calls made by run_maintenance (this thread only, flagged) always ask for maintenance.
+    def _should_do_maintenance(self, command: str) -> int:
+        if getattr(self._local, "forced", False) and command not in MAINTENANCE_COMMAND_BLACKLIST:
+            return 1
+        return super()._should_do_maintenance(command)
+
+
+class BrokerMaintenance(Middleware):
+    """Runs the broker's maintenance for every declared queue every ``interval_s`` in each worker process.
+
+    A no-op unless the broker is a :class:`JobsRedisBroker`. Each run also refreshes this worker's broker
+    heartbeat, so a worker whose threads are all busy with long steps (and so fetch nothing) is not
+    mistaken for a dead one.
+    """
+
+    def __init__(self, interval_s: float | None = None) -> None:
+        self.interval_s = interval_s
+        self._thread: Heartbeat | None = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if not isinstance(broker, JobsRedisBroker) or self._thread is not None:
+            return
+        interval_s = self.interval_s or get_settings().broker_maintenance_interval_s
+        self._thread = Heartbeat("broker-maintenance", interval_s, functools.partial(_maintain, broker, interval_s))
+        self._thread.start()
+
+    # Stopped after the shutdown, not before: while a stopping worker waits for its running steps, these
+    # beats are its heartbeat, and without them its messages could be handed to another worker meanwhile.
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
+
+
+def _maintain(broker: JobsRedisBroker, interval_s: float) -> None:
+    try:
+        broker.run_maintenance()
+    except redis.RedisError as error:
+        logger.warning("broker maintenance failed: %s; trying again in %s s", error, interval_s)

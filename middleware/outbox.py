@@ -1,0 +1,160 @@
+"""The transactional outbox: messages are written in the transaction of the state change that orders
+them and sent after it commits, so a commit is never left without its messages.
+
+``stage`` adds the messages to the caller's transaction; ``deliver`` (after the commit) sends one row
+and deletes it; ``relay`` sends rows a process left behind, killed between its commit and its send, or
+cut off from the broker. Each row is sent under its row lock and deleted in the same transaction, so
+two senders never both send it; a process killed after its send but before that delete commits leaves
+a row that is sent again, which the steps' idempotency makes harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+from dramatiq import Message
+from dramatiq.middleware import Middleware
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from resources.config import get_settings
+from resources.db import read_scope, session_scope
+from resources.models import OutboxMessage, new_uuid, utcnow
+
+from .heartbeat import Heartbeat
+from .progress import Outgoing, enqueue_all
+from .throttle import ThrottleScope, find_throttle
+
+__all__ = ["OutboxRelay", "deliver", "pending", "relay", "stage"]
+
+logger = logging.getLogger(__name__)
+
+#: Rows one relay pass reads at a time.
+RELAY_BATCH = 200
+
+
+def stage(
+    session: Session,
+    operation_id: str,
+    outgoing: Sequence[Outgoing],
+    *,
+    throttle_scopes: Sequence[ThrottleScope] = (),
+    release_throttle: bool = False,
+) -> str | None:
+    """Write ``outgoing`` to the outbox in ``session``'s transaction; returns the row id to ``deliver``
+    after the commit (None when there is nothing to do). With ``throttle_scopes`` the messages are an
+    operation's first steps, admitted or parked by the throttle when they are sent. ``release_throttle``
+    (the operation has ended) frees its slot with the send: a crash cannot leave the slot taken."""
+    if not outgoing and not release_throttle:
+        return None
+    row = OutboxMessage(
+        id=new_uuid(),
+        operation_id=operation_id,
+        messages=[{"message": item.message.asdict(), "delay": item.delay} for item in outgoing],
+        throttle_scopes=[[scope.key, scope.limit] for scope in throttle_scopes] or None,
+        release_throttle=release_throttle,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    return row.id
+
+
+def _outgoing(row: OutboxMessage) -> list[Outgoing]:
+    return [Outgoing(_message(item["message"]), item["delay"]) for item in row.messages]
+
+
+def _message(fields: dict[str, Any]) -> Message[Any]:
+    return Message(**{**fields, "args": tuple(fields["args"])})
+
+
+def _send(broker: dramatiq.Broker, row: OutboxMessage) -> None:
+    outgoing = _outgoing(row)
+    throttle = find_throttle(broker)
+    if row.release_throttle and throttle is not None:
+        throttle.release(broker, row.operation_id)  # idempotent: a second release changes nothing
+    if row.throttle_scopes and throttle is not None:
+        scopes = [ThrottleScope(key, int(limit)) for key, limit in row.throttle_scopes]
+        throttle.submit(broker, row.operation_id, scopes, outgoing)
+    else:
+        enqueue_all(broker, outgoing)
+
+
+def deliver(broker: dramatiq.Broker, row_id: str | None, operation_id: str = "?") -> bool:
+    """Send one outbox row and delete it. Returns False when there was nothing to send (another sender
+    had it) or the send failed; a failed row stays for the relay, and the error is logged, not raised:
+    the transaction that wrote it has committed and must stay committed."""
+    if row_id is None:
+        return False
+    try:
+        with session_scope() as session:
+            row = session.scalars(
+                select(OutboxMessage).where(OutboxMessage.id == row_id).with_for_update(skip_locked=True)
+            ).one_or_none()
+            if row is None:
+                return False  # sent and deleted by another sender, or locked by one right now
+            _send(broker, row)
+            session.delete(row)
+        return True
+    except Exception as error:
+        logger.warning(
+            "outbox row %s (operation %s) not sent yet (%s: %s); the outbox relay sends it once the broker "
+            "and the database answer",
+            row_id,
+            operation_id,
+            type(error).__name__,
+            error,
+        )
+        return False
+
+
+def pending(session: Session, *, older_than_s: float = 0.0, limit: int = RELAY_BATCH) -> list[str]:
+    """Ids of outbox rows older than ``older_than_s``, oldest first."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(
+        session.scalars(
+            select(OutboxMessage.id)
+            .where(OutboxMessage.created_at <= cutoff)
+            .order_by(OutboxMessage.created_at)
+            .limit(limit)
+        )
+    )
+
+
+def relay(broker: dramatiq.Broker, *, older_than_s: float | None = None) -> int:
+    """Send every outbox row older than the grace period (``JOBS_OUTBOX_GRACE_S``): the committing
+    process had that long to send it itself. Returns how many rows were sent."""
+    grace = get_settings().outbox_grace_s if older_than_s is None else older_than_s
+    sent = 0
+    while True:
+        with read_scope() as session:
+            ids = pending(session, older_than_s=grace)
+        delivered = sum(deliver(broker, row_id) for row_id in ids)
+        sent += delivered
+        if len(ids) < RELAY_BATCH or delivered == 0:
+            break
+    if sent:
+        logger.warning("outbox relay sent %d message batch(es) their committing process had left unsent", sent)
+    return sent
+
+
+class OutboxRelay(Middleware):
+    """Runs the relay in every worker process, every ``JOBS_OUTBOX_RELAY_INTERVAL_S``: rows left unsent
+    are in the broker within about grace + interval of their commit, once the broker answers."""
+
+    def __init__(self, interval_s: float | None = None) -> None:
+        self.interval_s = interval_s
+        self._heartbeat: Heartbeat | None = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        interval = self.interval_s or get_settings().outbox_relay_interval_s
+        self._heartbeat = Heartbeat("outbox-relay", interval, lambda: relay(broker))
+        self._heartbeat.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None

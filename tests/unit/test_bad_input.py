@@ -1,0 +1,113 @@
+"""Bad input to execute() is refused with an error naming the thing and the fix, before anything is
+written or sent: the caller's transaction is left exactly as it was, whatever the caller does next."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from jobs.actors import backend_method
+from jobs.executors import InstanceCreateExecutor, InstanceResizeExecutor, InstanceUpdateExecutor
+from jobs.executors.standard import UpdateExecutor
+from resources.db import session_scope
+from resources.errors import InvalidArgument, JobsError, TransitionNotAllowed
+from resources.models import Instance, Operation, OutboxMessage
+from resources.states import State
+from tests.fixtures import drain, make_instance, make_tenant
+
+
+class _LeakyExecutor(UpdateExecutor):
+    """Puts a Python object into a step's arguments: only found while building, after pre_apply ran."""
+
+    @classmethod
+    def get_task_signature(cls, instance: Instance, serialized_instance: str, **kwargs: Any) -> Any:
+        return backend_method.message(serialized_instance, "update", updated_fields=[], when=datetime.date.today())
+
+
+def nothing_written(instance: Instance, state: State) -> None:
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Operation)) == 0
+        assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 0
+        after = session.scalars(select(Instance).where(Instance.id == instance.id)).one()
+        assert (after.state, after.operation_id) == (state, None)
+
+
+def ok_instance(broker: Any) -> Instance:
+    instance = make_instance(make_tenant(), volumes=0)
+    InstanceCreateExecutor.execute(instance)
+    drain(broker)
+    with session_scope() as session:
+        loaded = session.get_one(Instance, instance.id)
+        loaded.operation_id = None  # as if created long ago: "nothing written" then means no new operation
+        session.execute(Operation.__table__.delete())
+    return loaded
+
+
+def test_a_non_json_option_is_refused_naming_it(stub_broker, cloud):
+    instance = make_instance(make_tenant(), volumes=0)
+    with pytest.raises(InvalidArgument) as raised:
+        InstanceCreateExecutor.execute(instance, interval_s=object())
+    message = str(raised.value)
+    assert "option 'interval_s' of InstanceCreateExecutor.execute()" in message
+    assert "not JSON" in message and "pass JSON values" in message
+    nothing_written(instance, State.CREATION_SCHEDULED)
+    assert stub_broker.queues["default"].qsize() == 0
+
+
+def test_a_non_json_step_argument_undoes_pre_apply_even_if_the_caller_commits(stub_broker, stub_worker, cloud):
+    instance = ok_instance(stub_broker)
+    # When the executor's work turns out to carry a date object, after pre_apply scheduled the update, and
+    # the caller catches the error and commits its transaction anyway
+    with session_scope() as session, pytest.raises(InvalidArgument) as raised:
+        _LeakyExecutor.execute(session.get_one(Instance, instance.id))
+    assert "argument 'when' of backend_method is date" in str(raised.value)
+    # Then pre_apply's transition was undone with everything else
+    nothing_written(instance, State.OK)
+
+
+def test_an_unknown_option_is_refused_listing_the_ones_it_takes(stub_broker, stub_worker, cloud):
+    instance = ok_instance(stub_broker)
+    with pytest.raises(InvalidArgument) as raised:
+        InstanceResizeExecutor.execute(instance, flavor="large", flavr="huge")
+    message = str(raised.value)
+    assert "InstanceResizeExecutor.execute() got unknown option(s) 'flavr'" in message
+    assert "it takes: action, action_details, attempts, flavor, interval_s" in message
+    assert "InstanceResizeExecutor.options" in message
+    nothing_written(instance, State.OK)
+
+
+def test_a_missing_required_option_is_refused(stub_broker, stub_worker, cloud):
+    instance = ok_instance(stub_broker)
+    with pytest.raises(InvalidArgument, match=r"missing option\(s\) \['flavor'\]"):
+        InstanceResizeExecutor.execute(instance)
+    nothing_written(instance, State.OK)
+
+
+def test_an_oversized_payload_is_refused_with_the_limit_and_the_fix(stub_broker, stub_worker, cloud, monkeypatch):
+    monkeypatch.setenv("JOBS_MAX_MESSAGE_BYTES", "4096")
+    instance = ok_instance(stub_broker)
+    with pytest.raises(InvalidArgument) as raised:
+        InstanceUpdateExecutor.execute(instance, updated_fields=["x" * 5000])
+    message = str(raised.value)
+    assert "backend_method would be" in message and "JOBS_MAX_MESSAGE_BYTES=4096" in message
+    assert "pass a reference" in message
+    nothing_written(instance, State.OK)
+
+
+def test_an_illegal_transition_is_refused_and_nothing_is_written(stub_broker, cloud):
+    instance = make_instance(make_tenant(), volumes=0)  # still CREATION_SCHEDULED: it cannot be resized
+    with pytest.raises(TransitionNotAllowed, match="CREATION_SCHEDULED; schedule_updating needs"):
+        InstanceResizeExecutor.execute(instance, flavor="large")
+    nothing_written(instance, State.CREATION_SCHEDULED)
+
+
+def test_a_deleted_resource_is_refused_naming_it(stub_broker, cloud):
+    instance = make_instance(make_tenant(), volumes=0)
+    with session_scope() as session:
+        session.delete(session.get_one(Instance, instance.id))
+    with pytest.raises(JobsError, match=f"Instance {instance.uuid} is not in the database"):
+        InstanceCreateExecutor.execute(instance)
+    assert stub_broker.queues["default"].qsize() == 0

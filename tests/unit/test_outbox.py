@@ -1,0 +1,211 @@
+"""The transactional outbox: an operation's messages are written with its state change, sent after the
+commit, and sent by the relay when the committing process could not (killed after its commit, broker
+down); each row is sent once."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from dramatiq import Message
+from sqlalchemy import func, select, update
+
+import middleware.transitions
+from jobs.executors import InstanceCreateExecutor
+from middleware import find_throttle
+from middleware.outbox import deliver, relay, stage
+from middleware.progress import Outgoing
+from resources.backends import SimulatedConfig
+from resources.db import session_scope
+from resources.models import Instance, Operation, OperationStatus, OutboxMessage, utcnow
+from resources.states import State
+from scheduler.janitor import is_alive
+from tests.fixtures import drain, make_instance, make_tenant
+
+
+def outbox_rows() -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(OutboxMessage)) or 0
+
+
+def queued(broker: Any) -> int:
+    return sum(broker.queues[name].qsize() for name in broker.queues)
+
+
+def refuse(*_args: Any, **_kwargs: Any) -> None:
+    raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def state_of(instance: Instance) -> State:
+    with session_scope() as session:
+        return session.scalars(select(Instance.state).where(Instance.id == instance.id)).one()
+
+
+def test_execute_writes_its_messages_in_the_callers_transaction_and_sends_them_after_commit(stub_broker, cloud):
+    instance = make_instance(make_tenant(), volumes=0)
+    with session_scope() as session:
+        # When a service executes inside its transaction
+        InstanceCreateExecutor.execute(session.get_one(Instance, instance.id))
+        # Then the messages are in the outbox, in that transaction, and not yet in the broker
+        assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 1
+        assert queued(stub_broker) == 0
+    # ... and after the commit they are in the broker and the row is gone
+    assert queued(stub_broker) == 1
+    assert outbox_rows() == 0
+
+
+def test_a_rolled_back_execute_leaves_nothing_in_the_outbox_or_the_broker(stub_broker, cloud):
+    instance = make_instance(make_tenant(), volumes=0)
+    with pytest.raises(RuntimeError), session_scope() as session:
+        InstanceCreateExecutor.execute(session.get_one(Instance, instance.id))
+        raise RuntimeError("the service changed its mind")
+    assert outbox_rows() == 0
+    assert queued(stub_broker) == 0
+    assert state_of(instance) == State.CREATION_SCHEDULED
+
+
+def test_redis_down_at_execute_keeps_the_commit_and_the_relay_runs_the_operation_later(
+    stub_broker, stub_worker, cloud, monkeypatch
+):
+    # Given Redis refuses connections: the broker and the throttle cannot be reached
+    instance = make_instance(make_tenant(), volumes=1)
+    throttle = find_throttle(stub_broker)
+    assert throttle is not None
+    monkeypatch.setattr(stub_broker, "enqueue", refuse)
+    monkeypatch.setattr(throttle.store, "acquire", refuse)
+
+    # When a service executes: no error reaches it, and its transaction is committed
+    handle = InstanceCreateExecutor.execute(instance)
+    assert handle.status() == OperationStatus.RUNNING
+    assert state_of(instance) == State.CREATION_SCHEDULED
+    assert outbox_rows() == 1
+
+    # Then a relay pass while Redis is still down sends nothing and loses nothing
+    assert relay(stub_broker, older_than_s=0) == 0
+    assert outbox_rows() == 1
+
+    # ... and once Redis is back the relay sends it, and the operation runs to its end
+    monkeypatch.undo()
+    assert relay(stub_broker, older_than_s=0) == 1
+    drain(stub_broker)
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert state_of(instance) == State.OK
+    assert outbox_rows() == 0
+
+
+def test_the_relay_leaves_rows_younger_than_the_grace_period_to_their_committing_process(stub_broker):
+    with session_scope() as session:
+        row_id = stage(session, "op-young", [Outgoing(Message("default", "x", (), {}, {}))])
+    assert relay(stub_broker, older_than_s=60) == 0
+    with session_scope() as session:
+        session.execute(
+            update(OutboxMessage).where(OutboxMessage.id == row_id).values(created_at=utcnow() - timedelta(minutes=2))
+        )
+    assert relay(stub_broker, older_than_s=60) == 1
+
+
+class CountingBroker:
+    """Just enough of a broker for the outbox: counts what it is asked to enqueue."""
+
+    middleware: list[Any] = []
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sent: Counter[int] = Counter()
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        with self.lock:
+            self.sent[message.args[0]] += 1
+        return message
+
+
+def test_each_row_is_sent_once_by_concurrent_relays_and_a_late_deliver(database):
+    # Given 60 rows left in the outbox
+    with session_scope() as session:
+        ids = [stage(session, f"op-{n}", [Outgoing(Message("default", "x", (n,), {}, {}))]) for n in range(60)]
+    broker = CountingBroker()
+
+    # When four relays run at once, and the committing process's late deliver comes after them
+    threads = [threading.Thread(target=relay, args=(broker,), kwargs={"older_than_s": 0}) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    late = [deliver(broker, row_id) for row_id in ids]  # type: ignore[arg-type]
+
+    # Then every message was sent exactly once, and nothing is left
+    assert broker.sent == Counter(range(60))
+    assert not any(late)
+    assert outbox_rows() == 0
+
+
+def test_a_worker_killed_after_committing_a_step_loses_nothing(stub_broker, stub_worker, cloud, monkeypatch):
+    # Given a worker that "dies" right after committing the first step's completion: what follows it
+    # is committed with that completion, but never sent
+    instance = make_instance(make_tenant(), volumes=0)
+    real_deliver = middleware.transitions.deliver
+    dropped: list[str | None] = []
+
+    def die_after_commit_once(broker: Any, row_id: str | None, operation_id: str = "?") -> bool:
+        if not dropped and row_id is not None:
+            dropped.append(row_id)
+            return False
+        return real_deliver(broker, row_id, operation_id)
+
+    monkeypatch.setattr(middleware.transitions, "deliver", die_after_commit_once)
+    handle = InstanceCreateExecutor.execute(instance)
+    drain(stub_broker)
+    assert handle.status() == OperationStatus.RUNNING  # stalled after its first step
+    assert outbox_rows() == 1
+
+    # When the relay runs
+    assert relay(stub_broker, older_than_s=0) == 1
+    drain(stub_broker)
+
+    # Then the operation carries on to its end
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert state_of(instance) == State.OK
+
+
+def test_failure_callbacks_committed_with_the_failure_survive_a_crash_before_their_send(
+    stub_broker, stub_worker, cloud, monkeypatch
+):
+    # Given a create whose backend call fails for good, on a worker that dies before sending the
+    # failure callbacks it committed with the failure
+    instance = make_instance(make_tenant(), volumes=0)
+    cloud.configure(SimulatedConfig(build_ms=40, delete_ms=20, failures={"instance.create": 1.0}))
+    real_deliver = middleware.transitions.deliver
+
+    def die_after_failing(broker: Any, row_id: str | None, operation_id: str = "?") -> bool:
+        with session_scope() as session:
+            failed = session.get_one(Operation, operation_id).status == OperationStatus.FAILED
+        return False if failed else real_deliver(broker, row_id, operation_id)
+
+    monkeypatch.setattr(middleware.transitions, "deliver", die_after_failing)
+    handle = InstanceCreateExecutor.execute(instance)
+    drain(stub_broker)
+    assert handle.status() == OperationStatus.FAILED
+    assert state_of(instance) == State.CREATING  # the callback that moves it to ERRED was not sent
+
+    # When the relay runs
+    monkeypatch.undo()
+    assert relay(stub_broker, older_than_s=0) == 1
+    drain(stub_broker)
+
+    # Then the failure callback ran: the resource is ERRED, with the backend's error
+    assert state_of(instance) == State.ERRED
+
+
+def test_the_janitor_counts_an_operation_waiting_in_the_outbox_as_alive(stub_broker, cloud, monkeypatch):
+    instance = make_instance(make_tenant(), volumes=0)
+    throttle = find_throttle(stub_broker)
+    assert throttle is not None
+    monkeypatch.setattr(stub_broker, "enqueue", refuse)
+    monkeypatch.setattr(throttle.store, "acquire", refuse)
+    handle = InstanceCreateExecutor.execute(instance)
+    monkeypatch.undo()
+    assert is_alive(stub_broker, handle.id)
