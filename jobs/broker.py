@@ -22,6 +22,7 @@ from dramatiq.middleware import (
 )
 
 from middleware import Deduplicate, InFlight, OperationTransitions, OutboxRelay, PeriodicTicks, Throttle
+from middleware.log_context import LogContext
 from middleware.transient import PatientRetries
 from resources.config import get_settings
 
@@ -41,6 +42,7 @@ MAX_BACKOFF_MS = int(os.environ.get("JOBS_MAX_BACKOFF_MS", "60000"))
 def build_middleware() -> list[Middleware]:
     throttle = Throttle()
     return [
+        LogContext(),  # first: every other middleware's log lines about a message carry its fields
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),

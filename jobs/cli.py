@@ -30,6 +30,9 @@ class ExplainedErrorsGroup(click.Group):
 @click.group(cls=ExplainedErrorsGroup)
 def main() -> None:
     """Reliable cloud operations on Dramatiq: executors, workers and their state."""
+    from resources.logs import configure_logging
+
+    configure_logging()
 
 
 @main.command()
@@ -97,13 +100,13 @@ def _print_summary(console: Console, summary: dict) -> None:
 
 @main.command()
 def migrate() -> None:
-    """Create the database schema (the Procfile's release step)."""
+    """Upgrade the database schema to the newest migration (the Procfile's release step)."""
     from resources.config import get_settings
-    from resources.db import create_schema
+    from resources.db import migrate as migrate_database
     from resources.urls import redact_url
 
-    create_schema()
-    click.echo(f"schema ready on {redact_url(get_settings().database_url)}")
+    revision = migrate_database()
+    click.echo(f"database at revision {revision} on {redact_url(get_settings().database_url)}")
 
 
 @main.group()

@@ -75,12 +75,12 @@ def run_demo(options: DemoOptions, console: Console) -> dict[str, Any]:
         os.environ.setdefault("JOBS_POLL_INTERVAL_S", "0.25")
         # Imported only now: the broker binds to the Redis URL and namespace at import.
         from resources.backends import SimulatedCloud, SimulatedConfig
-        from resources.db import create_schema
+        from resources.db import migrate
         from resources.redis_client import get_redis
 
         from . import app  # noqa: F401  (declares the actors on the broker)
 
-        create_schema()
+        migrate()  # the same migrations as a release: a data directory from an older version is upgraded
         cloud = SimulatedCloud()
         config = SimulatedConfig(
             latency_ms=(20, 120),

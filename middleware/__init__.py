@@ -3,6 +3,7 @@
 from .context import StepContext, current_step, step_context
 from .dedup import Deduplicate, DuplicateJob, find_deduplicate
 from .inflight import InFlight, find_inflight
+from .log_context import LogContext
 from .outbox import OutboxRelay
 from .periodic import OPTION_TICK, PeriodicTicks
 from .plan import Composable, PlanBuilder
@@ -16,6 +17,7 @@ __all__ = [
     "Deduplicate",
     "DuplicateJob",
     "InFlight",
+    "LogContext",
     "OperationTransitions",
     "OutboxRelay",
     "Outgoing",

@@ -29,6 +29,8 @@ __all__ = ["Settings", "check_database_url", "check_redis_url", "get_settings", 
 #: Where the default SQLite database lives when DATABASE_URL is unset.
 DEFAULT_DATA_DIR = ".jobs-data"
 T = TypeVar("T", int, float)
+#: Values of JOBS_LOG_FORMAT: lines for people, or one JSON object a line for log shippers.
+LOG_FORMATS = ("text", "json")
 
 #: How long a resource may sit in a transitional state, counted from when its operation started,
 #: before the janitor moves it to ERRED -- and only once nothing is queued, running or parked for that
@@ -107,6 +109,8 @@ class Settings:
     dedup_lease_s: float = 30.0
     #: Per transitional state, see DEFAULT_STUCK_AFTER_S; JOBS_STUCK_<STATE>_S overrides one.
     stuck_after_s: dict[State, float] = field(default_factory=lambda: dict(DEFAULT_STUCK_AFTER_S))
+    #: How every process writes its log lines, one of LOG_FORMATS (see resources.logs).
+    log_format: str = "text"
 
     @property
     def zone(self) -> ZoneInfo:
@@ -161,6 +165,22 @@ def _env_zone(name: str, default: str) -> str:
             f"{name}={raw!r} is not a time zone; set it to an IANA name such as UTC or Europe/Berlin"
         ) from None
     return raw
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigurationError(f"{name}={raw!r} is not one of {', '.join(choices)}; set it to {' or '.join(choices)}")
+    return value
+
+
+def log_format_from_env() -> str:
+    """JOBS_LOG_FORMAT, checked. Logging is set up before anything needs the other settings (whose errors
+    should be logged, not raised by the set-up), so it reads this one alone."""
+    return _env_choice("JOBS_LOG_FORMAT", "text", LOG_FORMATS)
 
 
 def normalise_database_url(url: str) -> str:
@@ -274,6 +294,7 @@ def get_settings() -> Settings:
             state: _env_number(f"JOBS_STUCK_{state.value}_S", DEFAULT_STUCK_AFTER_S[state], float)
             for state in sorted(TRANSITIONAL_STATES)
         },
+        log_format=log_format_from_env(),
     )
     if settings.throttle_heartbeat_s >= settings.throttle_lease_s:
         raise ConfigurationError(

@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import get_settings
+from .errors import ConfigurationError
 from .models import Base
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "get_engine",
     "get_sessionmaker",
     "join_session",
+    "migrate",
     "read_scope",
     "session_scope",
 ]
@@ -123,7 +125,39 @@ def join_session(session: Session) -> Iterator[Session]:
         _JOINED.reset(token)
 
 
+def migrate(url: str | None = None) -> str | None:
+    """Upgrade the database to the newest migration; return the revision it is at then.
+
+    A database that ``create_all`` made before there were migrations (0001_initial's tables, no revision
+    recorded) is first stamped at 0001_initial, so the upgrade starts from what it has. All of it runs in
+    one transaction.
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    from .migrations import INITIAL_REVISION, INITIAL_TABLES, alembic_config, migration_connection
+
+    config = alembic_config(url)
+    with migration_connection(url) as connection:
+        config.attributes["connection"] = connection
+        if MigrationContext.configure(connection).get_current_revision() is None:
+            present = INITIAL_TABLES & set(inspect(connection).get_table_names())
+            if present == INITIAL_TABLES:
+                command.stamp(config, INITIAL_REVISION)
+            elif present:
+                # Neither empty nor what create_all made: guessing its revision could lose data.
+                raise ConfigurationError(
+                    f"the database has some of the tables ({', '.join(sorted(present))}) but records no "
+                    f"migration; it lacks {', '.join(sorted(INITIAL_TABLES - present))}. Point DATABASE_URL "
+                    "at an empty database or one this project created"
+                )
+        command.upgrade(config, "head")
+        return MigrationContext.configure(connection).get_current_revision()
+
+
 def create_schema(url: str | None = None) -> None:
+    """Create the tables straight from the models, skipping the migrations: quick, for tests. The database
+    records no revision; ``migrate`` adopts it only while the models are still those of 0001_initial."""
     Base.metadata.create_all(get_engine(url))
 
 

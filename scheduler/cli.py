@@ -17,6 +17,7 @@ from jobs.cli import ExplainedErrorsGroup
 from middleware import find_deduplicate
 from resources.config import get_settings
 from resources.errors import ConfigurationError
+from resources.logs import configure_logging
 from resources.redis_client import get_redis
 
 from .leader import LeaderLease
@@ -57,6 +58,7 @@ def _build(modules: tuple[str, ...]) -> Scheduler:
 @click.group(cls=ExplainedErrorsGroup)
 def main() -> None:
     """Periodic background jobs: one leader sends each tick once."""
+    configure_logging()
 
 
 @main.command()
@@ -67,10 +69,7 @@ def run(modules: tuple[str, ...], verbose: bool) -> None:
 
     Start as many as you like: one leads, the others take over within JOBS_SCHEDULER_LEASE_S of its
     death, and on SIGTERM the leader hands over at once."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(level=logging.DEBUG if verbose else logging.INFO)
     scheduler = _build(modules)
     # Fail at start on a Redis that cannot be reached; the loop rides out later outages (logs, tries again).
     scheduler.lease.client.ping()

@@ -155,17 +155,6 @@ def test_migrate_against_an_unreachable_postgresql_says_which_and_why(monkeypatc
     )
 
 
-def test_migrate_prints_the_database_without_its_password(monkeypatch):
-    import resources.db
-    from jobs.cli import main
-
-    monkeypatch.setenv("DATABASE_URL", "postgresql://user:secret@db.example:5432/jobs")
-    monkeypatch.setattr(resources.db, "create_schema", lambda url=None: None)  # no server needed to print
-    result = CliRunner().invoke(main, ["migrate"])
-    assert result.exit_code == 0, result.output
-    assert result.output == "schema ready on postgresql+psycopg://user:***@db.example:5432/jobs\n"
-
-
 @pytest.mark.parametrize(
     ("module", "args", "variable", "value", "redacted", "fix"),
     [

@@ -1,0 +1,1 @@
+"""One file per migration, named after its revision id (Alembic skips this file)."""
