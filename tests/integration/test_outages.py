@@ -15,14 +15,16 @@ from pathlib import Path
 
 import dramatiq
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from jobs.broker import build_broker
 from jobs.executors import InstanceCreateExecutor
 from jobs.processes import ManagedProcess, start_worker
+from middleware import find_throttle
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.db import session_scope
-from resources.models import Instance, Operation, OperationStatus, OutboxMessage
+from resources.models import Instance, Operation, OperationStatus, OutboxMessage, StepDone
 from resources.states import TRANSITIONAL_STATES, State
 from tests.fixtures import make_instance, make_tenant, reset_database, wait_for
 from tests.integration.redis_server import RestartableRedis
@@ -90,6 +92,45 @@ def outage(monkeypatch, tmp_path) -> Iterator[Outage]:
 def _state(instance: Instance) -> State:
     with session_scope() as session:
         return session.scalars(select(Instance.state).where(Instance.id == instance.id)).one()
+
+
+def _where_the_running_operations_are(handles: list) -> str:
+    """For a failed run: each running operation's finished steps, the outbox, the throttle's view and
+    every Redis key of this test's namespace that mentions it (queues, delay queues, ack sets)."""
+    client = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    namespace = os.environ["JOBS_NAMESPACE"]
+    store = find_throttle(dramatiq.get_broker()).store
+    lines = []
+    with session_scope() as session:
+        running = session.scalars(
+            select(Operation).where(
+                Operation.id.in_([h.id for h in handles]), Operation.status == OperationStatus.RUNNING
+            )
+        ).all()
+        outbox = [(row.operation_id, row.messages) for row in session.scalars(select(OutboxMessage))]
+        for operation in running:
+            done = session.scalars(select(StepDone.path).where(StepDone.operation_id == operation.id)).all()
+            lines.append(f"running {operation.id} {operation.resource_ref}: done {sorted(done)}")
+            lines.append(f"  throttle state {store.state_of(operation.id)}")
+    lines.append(f"outbox: {outbox}")
+    for scope in store.scopes():
+        lines.append(f"scope {store.explain(scope)}")
+    ids = {operation.id for operation in running}
+    for key in sorted(client.scan_iter(f"{namespace}*")):
+        kind = client.type(key)
+        if kind == "hash":
+            values = client.hgetall(key)
+            hits = {k: v[:300] for k, v in values.items() if any(i in v or i in k for i in ids)}
+            lines.append(f"{key} hash({len(values)}) mentions: {hits}")
+        elif kind == "list":
+            lines.append(f"{key} list {client.lrange(key, 0, -1)[:50]}")
+        elif kind == "zset":
+            lines.append(f"{key} zset {client.zrange(key, 0, 50, withscores=True)}")
+        elif kind == "set":
+            lines.append(f"{key} set {sorted(client.smembers(key))[:50]}")
+        else:
+            lines.append(f"{key} {kind}")
+    return "\n".join(lines)
 
 
 def _outbox_rows() -> int:
@@ -185,10 +226,16 @@ def test_redis_killed_and_restarted_under_running_workers_loses_nothing(outage):
             )
             return running == 0
 
-    wait_for(all_ended, timeout_s=120)
+    try:
+        wait_for(all_ended, timeout_s=120)
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}\n{_where_the_running_operations_are(handles)}\n{outage.logs()}") from None
     with session_scope() as session:
-        statuses = set(session.scalars(select(Operation.status).where(Operation.id.in_([h.id for h in handles]))))
-    assert statuses == {OperationStatus.SUCCEEDED}, outage.logs()
+        ended = session.scalars(select(Operation).where(Operation.id.in_([h.id for h in handles]))).all()
+        failures = [
+            f"{o.id} {o.status} at {o.failed_step}: {o.error_message}" for o in ended if o.status != "succeeded"
+        ]
+    assert not failures, "\n".join(failures)
     wait_for(lambda: all(_state(i) not in TRANSITIONAL_STATES for i in instances), timeout_s=30)
     assert {_state(i) for i in instances} == {State.OK}
     assert SimulatedCloud().duplicate_creates() == {}
