@@ -258,6 +258,20 @@ class JobsRedisConsumer(_RedisConsumer):
         super().nack(message)
         self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
 
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        """Dramatiq's, but a Redis error surfaces as the broker's connection error. Dramatiq's worker calls
+        this while closing a consumer after an error, and only survives a ConnectionClosed: a plain redis
+        error there (Redis still down) ends the consumer thread for good, stranding every message of its
+        queue in this worker's ack set while the worker goes on heartbeating. The ids it could not put back
+        are still in that set, and the next consumer's orphan recovery puts them back."""
+        requeued = list(messages)
+        try:
+            super().requeue(requeued)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise ConnectionClosed(error) from None
+        for message in requeued:
+            self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
+
     def _recover_orphans(self) -> None:
         """Put back the messages a previous consumer of this queue lost in a connection error.
 
@@ -413,6 +427,10 @@ class JobsRedisBroker(RedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> JobsRedisConsumer:
         again = queue_name in self._consumed
         self._consumed.add(queue_name)
+        if again and queue_name != q_name(queue_name):
+            # Dramatiq emptied the delay queue of the consumer this one replaces: nothing of it is held.
+            with self._held_lock:
+                self._held.pop(queue_name, None)
         return JobsRedisConsumer(self, queue_name, prefetch, timeout, recover_orphans=again)
 
     def handed_out(self, queue_name: str, redis_message_id: str) -> None:

@@ -199,11 +199,6 @@ def test_redis_down_at_execute_commits_and_the_operation_runs_once_redis_is_back
     wait_for(lambda: _outbox_rows() == 0, timeout_s=30)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="about one run in five an operation still waits after the restart: a loss path not yet found "
-    "(the orphaned-acknowledgement one is fixed); kept running so that the fix can be seen",
-)
 def test_redis_killed_and_restarted_under_running_workers_loses_nothing(outage):
     # Given two workers busy with 30 creates
     outage.start_workers(2)

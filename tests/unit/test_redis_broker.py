@@ -469,3 +469,40 @@ def test_the_project_broker_is_a_jobs_redis_broker_with_maintenance(monkeypatch)
     assert isinstance(built, JobsRedisBroker)
     assert any(isinstance(m, BrokerMaintenance) for m in built.middleware)
     assert dramatiq.get_broker() is not built  # building does not change the global broker
+
+
+def test_a_consumer_thread_survives_redis_failing_while_it_moves_and_puts_back_delayed_messages(broker):
+    # Given a worker holding two delayed messages in memory, one due soon and one later
+    processed: list[str] = []
+    dramatiq.actor(lambda tag: processed.append(tag), broker=broker, actor_name="record", queue_name=QUEUE)
+    worker = dramatiq.Worker(broker, worker_timeout=20, worker_threads=1)
+    worker.start()
+    try:
+        real_enqueue, real_requeue = broker.enqueue, broker.do_requeue
+        failures = {"enqueue": 1, "requeue": 1}
+
+        def enqueue(message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+            # The first due delayed message the worker moves to its queue meets Redis down ...
+            if message.queue_name == QUEUE and "eta" not in message.options and failures["enqueue"]:
+                failures["enqueue"] -= 1
+                raise redis.ConnectionError("Redis went away")
+            return real_enqueue(message, delay=delay)
+
+        def do_requeue(queue_name: str, *ids: str) -> Any:
+            # ... and so does the worker's attempt to put the other one back as it closes the consumer
+            if failures["requeue"]:
+                failures["requeue"] -= 1
+                raise redis.ConnectionError("Redis still away")
+            return real_requeue(queue_name, *ids)
+
+        broker.enqueue = enqueue  # type: ignore[method-assign]
+        broker.do_requeue = do_requeue  # type: ignore[method-assign]
+        real_enqueue(Message(queue_name=QUEUE, actor_name="record", args=("soon",), kwargs={}, options={}), delay=50)
+        real_enqueue(Message(queue_name=QUEUE, actor_name="record", args=("later",), kwargs={}, options={}), delay=800)
+
+        # Then once Redis answers, both still run: the consumer thread lived on and put back what it had lost
+        wait_for(lambda: sorted(processed) == ["later", "soon"], timeout_s=20)
+        assert failures == {"enqueue": 0, "requeue": 0}
+        wait_for(lambda: _acks(broker, "default.DQ") == set(), timeout_s=10)
+    finally:
+        worker.stop()
