@@ -52,6 +52,18 @@ class SimulatedConfig:
         return cls(**data)
 
 
+#: Takes the resource's name (KEYS[1]) and creates its object (KEYS[2]) in one step; counts the create.
+_CREATE_ONCE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  return 0
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('INCR', KEYS[3])
+redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+return 1
+"""
+
+
 def chosen(seed: int, key: str, uuid: str, rate: float) -> bool:
     """Whether the seeded draw for (key, resource) falls under ``rate``: the same answer in every process."""
     if rate <= 0:
@@ -125,29 +137,37 @@ class SimulatedCloud:
         building, _ready, _erred = RUNTIME_STATES[resource.resource_type]
         ref_key = f"{self.prefix}:ref:{resource.ref}"
         backend_id = f"{resource.resource_type[:3]}-{resource.uuid[:12]}"
-        # Idempotent create: a repeated create of the same resource returns the same object.
-        if not self.redis.set(ref_key, backend_id, nx=True):
-            backend_id = self.redis.get(ref_key) or backend_id
-            return {"backend_id": backend_id, "runtime_state": self._runtime_state(backend_id)}
         boots = not chosen(
             config.seed,
             f"{resource.resource_type}.boot",
             resource.uuid,
             config.failures.get(f"{resource.resource_type}.boot", 0.0),
         )
-        self.redis.hset(
+        fields = {
+            "type": resource.resource_type,
+            "name": resource.name,
+            "status": building,
+            "ready_at": self.now_ms() + config.build_ms,
+            "boots": int(boots),
+            **{k: json.dumps(v) for k, v in attributes.items()},
+        }
+        # Idempotent and atomic, as a real cloud's create is to its caller: a repeated create of the same
+        # resource returns the same object, and a caller killed (or a Redis lost) mid-create never leaves
+        # the name taken without its object.
+        created = self.redis.eval(
+            _CREATE_ONCE,
+            4,
+            ref_key,
             f"{self.prefix}:obj:{backend_id}",
-            mapping={
-                "type": resource.resource_type,
-                "name": resource.name,
-                "status": building,
-                "ready_at": self.now_ms() + config.build_ms,
-                "boots": int(boots),
-                **{k: json.dumps(v) for k, v in attributes.items()},
-            },
+            f"{self.prefix}:creates:{resource.resource_type}",
+            f"{self.prefix}:creates_by_ref",
+            backend_id,
+            resource.ref,
+            *[item for pair in fields.items() for item in pair],
         )
-        self.redis.incr(f"{self.prefix}:creates:{resource.resource_type}")
-        self.redis.hincrby(f"{self.prefix}:creates_by_ref", resource.ref, 1)
+        if not created:
+            backend_id = self.redis.get(ref_key) or backend_id
+            return {"backend_id": backend_id, "runtime_state": self._runtime_state(backend_id)}
         return {"backend_id": backend_id, "runtime_state": building}
 
     def _runtime_state(self, backend_id: str) -> str:
