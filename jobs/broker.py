@@ -1,7 +1,8 @@
 """The broker every process of this project uses, set up before any actor is declared.
 
 Dramatiq binds actors to the broker that is current when they are decorated, so every module that
-declares actors imports this one first. ``JOBS_BROKER=stub`` selects a StubBroker for unit tests.
+declares actors imports this one first. The broker is Redis (REDIS_URL), or RabbitMQ when BROKER_URL is an
+amqp:// URL; ``JOBS_BROKER=stub`` selects a StubBroker for unit tests.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 
 import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.encoder import JSONEncoder
 from dramatiq.middleware import (
@@ -24,6 +26,7 @@ from dramatiq.middleware import (
 from middleware import Deduplicate, InFlight, OperationTransitions, OutboxRelay, PeriodicTicks, Throttle
 from middleware.log_context import LogContext
 from middleware.transient import PatientRetries
+from resources import metrics
 from resources.config import get_settings
 
 from . import queues
@@ -71,6 +74,11 @@ def build_broker() -> dramatiq.Broker:
     settings = get_settings()
     if os.environ.get("JOBS_BROKER") == "stub":
         broker: dramatiq.Broker = StubBroker(middleware=build_middleware())
+    elif settings.amqp_url is not None:
+        # Publisher confirms: a send returns once RabbitMQ has the message, so the outbox deletes a row
+        # only for a message that is really in the broker. RabbitMQ returns a dead worker's unacknowledged
+        # messages as soon as its connection drops: no heartbeat timeout or maintenance to tune.
+        broker = RabbitmqBroker(url=settings.amqp_url, middleware=build_middleware(), confirm_delivery=True)
     else:
         broker = JobsRedisBroker(
             url=settings.broker_url,
@@ -81,6 +89,12 @@ def build_broker() -> dramatiq.Broker:
         )
         # Puts a killed worker's messages back within heartbeat timeout + interval, not by chance.
         broker.add_middleware(BrokerMaintenance(settings.broker_maintenance_interval_s))
+    # JOBS_METRICS=1: the exposition on dramatiq_prom_port (see middleware.metrics); never in unit tests.
+    if metrics.enabled() and not isinstance(broker, StubBroker):
+        from middleware.metrics import JobsPrometheus  # only then: importing it creates dramatiq_prom_db
+
+        # First: it must see the start of every message that a later middleware may skip.
+        broker.add_middleware(JobsPrometheus(), before=AgeLimit)
     for name in queues.ALL:
         broker.declare_queue(name)
     return broker

@@ -29,6 +29,7 @@ from dramatiq import Message
 from dramatiq.middleware import Middleware, MiddlewareError, SkipMessage
 
 from resources.config import Settings, get_settings
+from resources.metrics import dedup_skipped
 from resources.redis_client import get_redis
 
 from .heartbeat import Heartbeat
@@ -126,6 +127,7 @@ class Deduplicate(Middleware):
             owner,
         )
         self.client.hincrby(f"{self.prefix}:skipped", f"{message.actor_name}:{where}", 1)
+        dedup_skipped(message.actor_name, where)
 
     # -- producer side ---------------------------------------------------------------------------
     def before_enqueue(self, broker: dramatiq.Broker, message: Message[Any], delay: int | None) -> None:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from resources.config import get_settings
 from resources.db import read_scope, session_scope
+from resources.metrics import outbox_relayed
 from resources.models import OutboxMessage, new_uuid, utcnow
 
 from .heartbeat import Heartbeat
@@ -136,6 +137,7 @@ def relay(broker: dramatiq.Broker, *, older_than_s: float | None = None) -> int:
         sent += delivered
         if len(ids) < RELAY_BATCH or delivered == 0:
             break
+    outbox_relayed(sent)
     if sent:
         logger.warning("outbox relay sent %d message batch(es) their committing process had left unsent", sent)
     return sent

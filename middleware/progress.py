@@ -16,6 +16,7 @@ from dramatiq import Broker, Message
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from resources.metrics import operation_ended
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.transitions import record_error
 
@@ -120,6 +121,7 @@ def complete_step(session: Session, operation_id: str, path: str) -> Progress:
     if step.finished:
         operation.status = OperationStatus.SUCCEEDED
         operation.finished_at = utcnow()
+        operation_ended(session, operation)
         logger.info("operation %s (%s) succeeded", operation_id, operation.executor)
     return Progress(_outgoing(operation.plan, step.start), ended=step.finished)
 
@@ -144,6 +146,7 @@ def fail_operation(
     operation.failed_step = step_name[:200]
     operation.error_message = error_message
     operation.error_traceback = error_traceback
+    operation_ended(session, operation)
     done = _done_paths(session, operation_id)
     callbacks: list[Outgoing] = []
     for party in operation.plan["parties"]:

@@ -24,7 +24,14 @@ from .errors import ConfigurationError
 from .states import TRANSITIONAL_STATES, State
 from .urls import redact_text, redact_url
 
-__all__ = ["Settings", "check_database_url", "check_redis_url", "get_settings", "normalise_database_url"]
+__all__ = [
+    "Settings",
+    "check_broker_url",
+    "check_database_url",
+    "check_redis_url",
+    "get_settings",
+    "normalise_database_url",
+]
 
 #: Where the default SQLite database lives when DATABASE_URL is unset.
 DEFAULT_DATA_DIR = ".jobs-data"
@@ -111,6 +118,9 @@ class Settings:
     stuck_after_s: dict[State, float] = field(default_factory=lambda: dict(DEFAULT_STUCK_AFTER_S))
     #: How every process writes its log lines, one of LOG_FORMATS (see resources.logs).
     log_format: str = "text"
+    #: BROKER_URL: an amqp:// URL makes RabbitMQ the message broker; None keeps the Redis broker. The
+    #: throttle, locks, de-duplication and the scheduler's lease stay in Redis either way.
+    amqp_url: str | None = None
 
     @property
     def zone(self) -> ZoneInfo:
@@ -124,7 +134,7 @@ class Settings:
     def __repr__(self) -> str:
         # Settings end up in logs and tracebacks; the URLs' passwords must not.
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("redis_url", "database_url"):
+        for name in ("redis_url", "database_url", "amqp_url"):
             if shown[name] is not None:
                 shown[name] = redact_url(shown[name])
         return f"Settings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
@@ -193,6 +203,8 @@ def normalise_database_url(url: str) -> str:
 
 #: The forms REDIS_URL may take, for error messages.
 REDIS_URL_FORMS = "redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path/to/socket"
+#: The forms BROKER_URL may take, for error messages.
+BROKER_URL_FORMS = "amqp://user:password@host:5672/vhost, or amqps:// for TLS"
 #: The forms DATABASE_URL may take, for error messages.
 DATABASE_URL_FORMS = "postgresql://user:password@host:port/dbname or sqlite:///path/to/file.sqlite3"
 
@@ -230,6 +242,24 @@ def check_redis_url(url: str) -> None:
 
 
 @functools.lru_cache(maxsize=32)
+def check_broker_url(url: str) -> None:
+    """Raise ConfigurationError unless ``url`` is a RabbitMQ URL pika can read (scheme amqp or amqps)."""
+    shown = f"BROKER_URL={redact_url(url)!r}"
+    scheme = url.partition("://")[0].lower() if "://" in url else None
+    if scheme not in ("amqp", "amqps"):
+        problem = "has no scheme" if scheme is None else f"has scheme {scheme!r}"
+        raise ConfigurationError(
+            f"{shown} {problem}; use {BROKER_URL_FORMS} for RabbitMQ, or unset it to use Redis (REDIS_URL) "
+            "as the broker"
+        )
+    if not _port_is_number(url):
+        raise ConfigurationError(
+            f"{shown} has a port that is not a number (percent-encode any '/', '?', '#' or '@' in the "
+            f"password); use {BROKER_URL_FORMS}"
+        )
+
+
+@functools.lru_cache(maxsize=32)
 def check_database_url(url: str) -> None:
     """Raise ConfigurationError unless SQLAlchemy can parse ``url`` and load its dialect and driver."""
     shown = f"DATABASE_URL={redact_url(url)!r}"
@@ -264,6 +294,9 @@ def get_settings() -> Settings:
     if redis_url is not None:
         check_redis_url(redis_url)
     check_database_url(database_url)
+    amqp_url = os.environ.get("BROKER_URL") or None
+    if amqp_url is not None:
+        check_broker_url(amqp_url)
     settings = Settings(
         redis_url=redis_url,
         database_url=normalise_database_url(database_url),
@@ -295,6 +328,7 @@ def get_settings() -> Settings:
             for state in sorted(TRANSITIONAL_STATES)
         },
         log_format=log_format_from_env(),
+        amqp_url=amqp_url,
     )
     if settings.throttle_heartbeat_s >= settings.throttle_lease_s:
         raise ConfigurationError(

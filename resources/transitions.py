@@ -14,6 +14,7 @@ from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from .errors import ResourceNotFound, TransitionNotAllowed
+from .metrics import transition_applied
 from .models import Resource
 from .refs import parse_ref
 from .states import State, Transition, get_transition
@@ -77,6 +78,7 @@ def apply_transition(
     result = session.execute(statement.execution_options(synchronize_session="fetch"))
     if result.rowcount == 1:
         logger.debug("%s: %s -> %s", ref, transition.name, transition.target)
+        transition_applied(session, model.resource_type, transition.name)
         return True
     return _explain_no_match(session, model, uuid, transition, operation_id)
 
@@ -106,7 +108,10 @@ def apply_if_unchanged(
         .values(_new_values(model, transition, values))
         .execution_options(synchronize_session="fetch")
     )
-    return session.execute(statement).rowcount == 1
+    if session.execute(statement).rowcount != 1:
+        return False
+    transition_applied(session, model.resource_type, transition.name)
+    return True
 
 
 def _new_values(model: type[Resource], transition: Transition, values: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from middleware import fail_operation, find_inflight, find_throttle
 from middleware.outbox import deliver, stage
 from resources.config import get_settings
 from resources.db import read_scope, session_scope
+from resources.metrics import janitor_rescued
 from resources.models import Operation, OutboxMessage, resource_types, utcnow
 from resources.states import TRANSITIONAL_STATES, State
 from resources.transitions import apply_if_unchanged
@@ -104,6 +105,7 @@ def rescue(broker: dramatiq.Broker, stuck: Stuck, now: datetime) -> bool:
             outbox_id = stage(session, stuck.operation_id, progress.outgoing, release_throttle=True)
     deliver(broker, outbox_id, stuck.operation_id or "-")
     logger.warning("%s: %s", stuck.ref, message)
+    janitor_rescued(stuck.state)
     return True
 
 

@@ -25,6 +25,7 @@ from dramatiq import Message
 from dramatiq.middleware import Middleware, SkipMessage
 
 from resources.config import Settings, get_settings
+from resources.metrics import handoff_started
 from resources.redis_client import get_redis
 
 from ..heartbeat import Heartbeat
@@ -37,6 +38,9 @@ from .store import Handoff, ThrottleStore
 __all__ = ["Throttle", "ThrottleUnavailable", "find_throttle", "scopes_of"]
 
 logger = logging.getLogger(__name__)
+
+#: On the first message of a hand-off: the grant's fence. Its step's start measures the hand-off latency.
+OPTION_HANDOFF = "throttle_handoff"
 
 
 class ThrottleUnavailable(Unavailable):
@@ -122,6 +126,8 @@ class Throttle(Middleware):
         if admission.status == "parked":
             logger.info("operation %s lost its slot or waits for one; step parked", operation_id)
             raise SkipMessage(f"operation {operation_id} waits for a throttle slot")
+        if message.options.get(OPTION_HANDOFF) == admission.fence:  # not a later grant's redelivery
+            handoff_started(lambda: self.store.handoff_latency_ms(operation_id))
         with self._lock:
             self._running[operation_id] += 1
         return admission.fence
@@ -157,8 +163,11 @@ class Throttle(Middleware):
 
     def send(self, broker: dramatiq.Broker, handoffs: Iterable[Handoff]) -> None:
         for handoff in handoffs:
-            for delay, encoded in handoff.messages:
-                broker.enqueue(Message.decode(encoded.encode()), delay=delay or None)
+            for index, (delay, encoded) in enumerate(handoff.messages):
+                message = Message.decode(encoded.encode())
+                if index == 0:
+                    message = message.copy(options={OPTION_HANDOFF: handoff.fence})
+                broker.enqueue(message, delay=delay or None)
 
     def running_operations(self) -> list[str]:
         with self._lock:

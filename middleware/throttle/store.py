@@ -205,6 +205,25 @@ class ThrottleStore:
     def scopes(self) -> list[str]:
         return sorted(self.client.smembers(f"{self.prefix}:scopes"))
 
+    def occupancy(self) -> dict[str, tuple[int | None, int, int]]:
+        """Every scope's (limit, holders, waiters), in two round trips whatever the number of scopes."""
+        scopes = self.scopes()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(f"{self.prefix}:limits")
+        for scope in scopes:
+            pipe.zcard(f"{self.prefix}:holders:{scope}")
+            pipe.zcard(f"{self.prefix}:waiters:{scope}")
+        limits, *counts = pipe.execute()
+        return {
+            scope: (int(limits[scope]) if scope in limits else None, counts[2 * i], counts[2 * i + 1])
+            for i, scope in enumerate(scopes)
+        }
+
+    def handoff_latency_ms(self, operation_id: str) -> int | None:
+        """From the operation's grant (a hand-off) to its first step's start, by the server's clock."""
+        granted, started = self.client.hmget(f"{self.prefix}:op:{operation_id}", "granted_at", "started_at")
+        return int(started) - int(granted) if granted and started else None
+
     def state_of(self, operation_id: str) -> str | None:
         return self.client.hget(f"{self.prefix}:op:{operation_id}", "state")
 

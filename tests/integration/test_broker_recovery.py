@@ -27,9 +27,10 @@ from resources.db import session_scope
 from resources.models import Instance, Operation, Volume
 from resources.states import State
 from tests.fixtures import make_instance, make_tenant, reset_database, wait_for
+from tests.integration.conftest import redis_broker_only
 from tests.integration.test_full_cycle import _databases
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, redis_broker_only]
 
 QUEUE = "default"
 

@@ -24,6 +24,7 @@ from tests.conftest import SQLITE_INTEGRATION_URL
 from tests.fixtures import make_instance, make_tenant, reset_database, wait_for
 from tests.integration import background_probe
 from tests.integration.background_probe import probe_block, probe_work, runs_key, work_key
+from tests.integration.conftest import queued_messages
 
 pytestmark = pytest.mark.integration
 
@@ -153,16 +154,15 @@ def test_an_equal_job_is_not_enqueued_while_it_waits_in_a_backlog(namespace, rea
     # Given a backlog of 500 background jobs and no worker yet, one of them "equal"
     for n in range(500):
         real_broker.enqueue(probe_work.message(n))
-    queue_key = f"{namespace}:dramatiq:background"
     client = get_redis()
-    assert client.llen(queue_key) == 500
+    assert queued_messages(real_broker, "background") == 500
 
     # When the equal job is sent again while the first waits in the backlog
     with pytest.raises(DuplicateJob):
         real_broker.enqueue(probe_work.message(499))
 
     # Then it was not enqueued, and the skip was counted
-    assert client.llen(queue_key) == 500
+    assert queued_messages(real_broker, "background") == 500
     assert find_deduplicate(real_broker).skipped() == {"probe_work:enqueue": 1}
 
     # And once workers drain the backlog, it ran once; afterwards it can be sent again

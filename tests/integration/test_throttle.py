@@ -27,6 +27,7 @@ from resources.db import session_scope
 from resources.models import Instance, Operation, Resource
 from resources.redis_client import get_redis
 from tests.fixtures import make_tenant, reset_database, wait_for
+from tests.integration.conftest import on_rabbitmq, redis_broker_only
 from tests.integration.test_chaos import one_database
 
 pytestmark = pytest.mark.integration
@@ -193,13 +194,18 @@ def test_the_limit_holds_exactly_while_workers_are_killed(system):
     timelines = audit(events, scope_of, limit_of)
     report = {s: (t.limit, t.max_active, t.violations) for s, t in timelines.items()}
     assert all(t.violations == 0 for t in timelines.values()), _trace(events, scope_of, timelines)
-    assert all(t.max_active == t.limit for t in timelines.values()), report  # and every slot was used
+    if not on_rabbitmq():
+        # ... and every slot was used. Not asserted on RabbitMQ: each worker prefetches several messages,
+        # and a hand-off waiting behind a busy worker's prefetched steps can keep a small scope from ever
+        # having all of its slots busy at once (the limit itself holds, asserted above).
+        assert all(t.max_active == t.limit for t in timelines.values()), report
     assert sum(len(t.ended) for t in timelines.values()) == len(handles)
     # ... and at quiescence no slot is held and nobody waits
     wait_for(lambda: _quiet(list(limit_of)), timeout_s=30)
     assert kills >= 5
 
 
+@redis_broker_only  # RabbitMQ gives the killed step back at once, so A keeps its slot and B rightly waits
 def test_a_killed_workers_slot_is_reclaimed_within_lease_and_reaper_interval(system, capsys):
     # Given default leases, heartbeats and broker settings (a dead worker's messages come back after a
     # minute or more), one tenant with limit 1, and two workers: A's long step runs on one while B waits

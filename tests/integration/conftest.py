@@ -1,0 +1,43 @@
+"""Integration tests run on the Redis broker, or on RabbitMQ when BROKER_URL is an amqp:// URL.
+
+RabbitMQ queue names are not namespaced as the Redis keys are, so each test starts from empty queues:
+a message a previous test left behind must not reach this test's workers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import dramatiq
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+from jobs import queues
+
+
+def queued_messages(broker: dramatiq.Broker, queue_name: str) -> int:
+    """Messages ready in a queue, on either broker."""
+    if isinstance(broker, RabbitmqBroker):
+        return broker.get_queue_message_counts(queue_name)[0]
+    return int(broker.client.llen(f"{broker.namespace}:{queue_name}"))
+
+
+def on_rabbitmq() -> bool:
+    return bool(os.environ.get("BROKER_URL"))
+
+
+#: For tests of the Redis broker itself (its maintenance, its ack sets, its dead-letter layout).
+redis_broker_only = pytest.mark.skipif(on_rabbitmq(), reason="tests the Redis broker; BROKER_URL selects RabbitMQ")
+
+
+@pytest.fixture(autouse=True)
+def empty_rabbitmq_queues() -> Iterator[None]:
+    if not on_rabbitmq():
+        yield
+        return
+    broker = RabbitmqBroker(url=os.environ["BROKER_URL"], middleware=[])
+    for name in queues.ALL:
+        broker.declare_queue(name)
+    broker.flush_all()  # a queue that does not exist yet has nothing to purge
+    broker.close()
+    yield
