@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from dramatiq.middleware import Middleware
 
+from middleware.context import current_step
 from middleware.plan import OPTION_OPERATION, OPTION_RESOURCE
 from resources.redis_client import get_redis
 
@@ -77,7 +78,12 @@ class AuditMiddleware(Middleware):
     def before_process_message(self, broker: Any, message: Any) -> None:
         stream = message.options.get(OPTION_AUDIT_STREAM)
         if stream:
-            self._log(stream).record("start", **_identity(message), attempt=message.options.get("retries", 0))
+            # The grant the step runs under: a later step under another grant means the operation lost its
+            # slot in between (a step killed after its admission, before this line, leaves no other trace).
+            fence = current_step().throttle_fence
+            self._log(stream).record(
+                "start", **_identity(message), attempt=message.options.get("retries", 0), fence=fence or 0
+            )
 
     def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
         stream = message.options.get(OPTION_AUDIT_STREAM)
@@ -105,6 +111,8 @@ class Event:
     last: bool = False
     #: 0 for a step's first attempt, n for its n-th retry.
     attempt: int = 0
+    #: On a start: the throttle grant the step runs under (0 when not throttled).
+    fence: int = 0
 
 
 def read_events(client: redis.Redis, stream: str) -> list[Event]:
@@ -123,6 +131,7 @@ def read_events(client: redis.Redis, stream: str) -> list[Event]:
                     ref=fields.get("ref", ""),
                     last=fields.get("last") == "1",
                     attempt=int(fields.get("attempt") or 0),
+                    fence=int(fields.get("fence") or 0),
                 )
             )
             start = "(" + _text(entry_id)
@@ -156,6 +165,8 @@ def audit(
 ) -> dict[str, ScopeTimeline]:
     """Per scope, who was active when. ``scope_of`` maps a resource ref to its scope, or to the scopes
     its operations hold together (from the test's own set-up); ``limits`` maps each scope to its limit."""
+    events = list(events)
+    lost_after = _grants_lost(events)
     timelines = {scope: ScopeTimeline(scope, limit) for scope, limit in limits.items()}
     active: dict[str, set[str]] = {scope: set() for scope in limits}
     running_on: dict[str, int] = {}  # operation -> worker running its current step
@@ -177,14 +188,40 @@ def audit(
                 _activate(timelines[scope], active[scope], event.op, event.t_us)
         elif event.kind == "fail":
             running_on.pop(event.op, None)
+            if id(event) in lost_after:
+                for scope in scopes:
+                    _deactivate(timelines[scope], active[scope], event.op, event.t_us)
         elif event.kind == "end":
             running_on.pop(event.op, None)
+            if id(event) in lost_after and not event.last:
+                for scope in scopes:
+                    _deactivate(timelines[scope], active[scope], event.op, event.t_us)
             if event.last:
                 for scope in scopes:
                     timelines[scope].ended.add(event.op)
                     timelines[scope].ends.append((event.t_us, event.op))
                     _deactivate(timelines[scope], active[scope], event.op, event.t_us)
     return timelines
+
+
+def _grants_lost(events: list[Event]) -> set[int]:
+    """The end or fail events after which their operation lost its grant: its next step started under
+    another one. That happens when a later step was admitted and its worker killed before the step wrote
+    its start; the lease expires and the slot goes to the next operation, so the operation must not count
+    as active in between. A step continuing under the same grant keeps counting, so a slot given to two
+    operations at once is still caught."""
+    last_fence: dict[str, int] = {}
+    last_outcome: dict[str, Event] = {}
+    lost: set[int] = set()
+    for event in events:
+        if event.kind == "start" and event.fence:
+            previous = last_fence.get(event.op)
+            if previous is not None and previous != event.fence and event.op in last_outcome:
+                lost.add(id(last_outcome[event.op]))
+            last_fence[event.op] = event.fence
+        elif event.kind in ("end", "fail") and event.op:
+            last_outcome[event.op] = event
+    return lost
 
 
 def _as_tuple(scopes: str | Sequence[str]) -> tuple[str, ...]:

@@ -76,3 +76,38 @@ def test_percentiles_interpolate_between_ranks():
     assert percentile([4, 1, 3, 2], 0.5) == 2.5
     assert percentile([1, 2, 3, 4, 5], 0.99) == pytest.approx(4.96)
     assert summarize_ms([10, 20, 30]) == {"p50": 20, "p99": pytest.approx(29.8), "max": 30}
+
+
+def _step(kind: str, ms: int, op: str, *, fence: int = 0, last: bool = False) -> Event:
+    return Event(kind, ms * MS, pid=1, op=op, ref=op, last=last, fence=fence)
+
+
+def test_an_operation_whose_next_step_runs_under_a_new_grant_had_lost_its_slot_in_between():
+    # Given limit 1: A's first step under grant 1; its next step admitted and killed before it wrote its
+    # start, so its lease expired and B got the slot (grant 2); A's step came back under grant 3
+    events = [
+        _step("start", 0, "a", fence=1),
+        _step("end", 10, "a"),
+        _step("start", 50, "b", fence=2),
+        _step("end", 60, "b", last=True),
+        _step("start", 70, "a", fence=3),
+        _step("end", 80, "a", last=True),
+    ]
+
+    # Then that is no violation of the limit
+    assert audit(events, {"a": "scope", "b": "scope"}, {"scope": 1})["scope"].violations == 0
+
+
+def test_an_operation_continuing_under_the_same_grant_still_held_its_slot():
+    # Given the same timeline, but A's next step under its first grant: B ran while A still held the slot
+    events = [
+        _step("start", 0, "a", fence=1),
+        _step("end", 10, "a"),
+        _step("start", 50, "b", fence=2),
+        _step("end", 60, "b", last=True),
+        _step("start", 70, "a", fence=1),
+        _step("end", 80, "a", last=True),
+    ]
+
+    # Then the auditor reports it
+    assert audit(events, {"a": "scope", "b": "scope"}, {"scope": 1})["scope"].violations == 1
