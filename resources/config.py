@@ -287,7 +287,25 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
+#: The environment (and working directory) the last settings were read from, and those settings.
+_last_read: tuple[dict[str, str], str, Settings] | None = None
+
+
 def get_settings() -> Settings:
+    """The settings of the current environment. Steps ask several times each, so the last ones are kept
+    while the environment and the working directory are unchanged (comparing them costs microseconds,
+    reading every variable again a fraction of a millisecond); a changed variable is seen at once."""
+    global _last_read
+    environment, directory = dict(os.environ), os.getcwd()
+    last = _last_read
+    if last is not None and last[0] == environment and last[1] == directory:
+        return last[2]
+    settings = _read_settings()
+    _last_read = (environment, directory, settings)
+    return settings
+
+
+def _read_settings() -> Settings:
     data_dir = Path(os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
     database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
     redis_url = os.environ.get("REDIS_URL") or None
