@@ -300,6 +300,9 @@ def _print_status(console: Console, report: SystemStatus) -> None:
     console.print(scopes)
 
     scheduler = report.scheduler
+    if scheduler is None:
+        console.print("Scheduler: [dim]not installed[/]")
+        return
     if scheduler.leader is None:
         console.print("Scheduler: [bold yellow]no leader[/] (no `python -m scheduler run` holds the lease)")
     else:
@@ -406,8 +409,11 @@ def dead_letters_requeue(
     json_output = json_output or bool(outer.get("json"))
     if bool(message_ids) == requeue_all:
         raise click.UsageError("name the MESSAGE_IDs to requeue, or pass --all (not both)")
-    import scheduler.app  # noqa: F401  (declares every actor: de-duplication reads their options)
     from resources.errors import JobsError
+
+    from .plugins import load_actor_modules
+
+    load_actor_modules()  # every actor declared: de-duplication reads their options
 
     store = _dead_letters()
     try:

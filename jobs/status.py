@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -25,9 +25,7 @@ from resources.db import read_scope
 from resources.models import Operation, OperationStatus, resource_types, utcnow
 
 from .dead_letters import QueueKeys
-
-if TYPE_CHECKING:
-    from scheduler.runner import Scheduler
+from .plugins import scheduler_status_provider
 
 __all__ = [
     "InFlightOperation",
@@ -38,10 +36,10 @@ __all__ = [
     "ScopeSummary",
     "SystemStatus",
     "gather_status",
+    "installed_scheduler_status",
     "operations_in_flight",
     "queue_counts",
     "resource_counts",
-    "scheduler_status",
     "throttle_summary",
 ]
 
@@ -131,7 +129,8 @@ class SystemStatus:
     operations_in_flight: OperationsInFlight
     queues: dict[str, QueueCounts]
     throttle: list[ScopeSummary]
-    scheduler: SchedulerStatus
+    #: None when no scheduler package is installed.
+    scheduler: SchedulerStatus | None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -140,7 +139,7 @@ class SystemStatus:
             "operations_in_flight": self.operations_in_flight.as_dict(),
             "queues": {name: asdict(counts) for name, counts in self.queues.items()},
             "throttle": [asdict(scope) for scope in self.throttle],
-            "scheduler": self.scheduler.as_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.as_dict(),
         }
 
 
@@ -237,30 +236,10 @@ def throttle_summary(store: ThrottleStore) -> list[ScopeSummary]:
 
 
 # -- the scheduler ---------------------------------------------------------------------------------------
-def scheduler_status(scheduler: Scheduler) -> SchedulerStatus:
-    """The leader, and each periodic job's last handled tick and next tick (``python -m scheduler status``)."""
-    leader = scheduler.lease.holder()
-    now = datetime.fromtimestamp(scheduler.clock(), UTC)
-    jobs = []
-    for job in scheduler.jobs:
-        last = scheduler.ledger.last(job.name)
-        jobs.append(
-            ScheduledJob(
-                job.name,
-                job.schedule.expression,
-                None if last is None else datetime.fromtimestamp(last, UTC),
-                job.schedule.next_after(now),
-            )
-        )
-    expires = round(scheduler.lease.remaining_s(), 1) if leader is not None else None
-    return SchedulerStatus(leader, expires, jobs)
-
-
-def _default_scheduler() -> Scheduler:
-    # The same scheduler `python -m scheduler status` reads: its modules' periodic jobs, lease and ledger.
-    from scheduler.cli import _build
-
-    return _build(())
+def installed_scheduler_status() -> SchedulerStatus | None:
+    """The scheduler's section, from the scheduler package (a layer above, found by its entry point)."""
+    provider = scheduler_status_provider()
+    return None if provider is None else provider()
 
 
 def _default_store() -> ThrottleStore:
@@ -273,11 +252,11 @@ def gather_status(
     *,
     broker: dramatiq.Broker | None = None,
     store: ThrottleStore | None = None,
-    scheduler: Scheduler | None = None,
+    scheduler: SchedulerStatus | None = None,
     oldest: int = 10,
 ) -> SystemStatus:
     """Everything ``python -m jobs status`` shows. Defaults: the current broker, its throttle's store and
-    the scheduler of ``scheduler.app``'s periodic jobs."""
+    the installed scheduler's section (see ``installed_scheduler_status``)."""
     broker = broker or dramatiq.get_broker()
     with read_scope() as session:
         resources = resource_counts(session)
@@ -288,5 +267,5 @@ def gather_status(
         operations_in_flight=in_flight,
         queues=queue_counts(broker),
         throttle=throttle_summary(store or _default_store()),
-        scheduler=scheduler_status(scheduler or _default_scheduler()),
+        scheduler=scheduler or installed_scheduler_status(),
     )

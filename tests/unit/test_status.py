@@ -26,7 +26,7 @@ from jobs.cli import main
 from jobs.dead_letters import DeadLetters, QueueKeys, UnknownDeadLetters, UnknownQueue, _Body
 from jobs.executors import InstanceCreateExecutor
 from jobs.redis_broker import JobsRedisBroker
-from jobs.status import gather_status, queue_counts, scheduler_status, throttle_summary
+from jobs.status import gather_status, queue_counts, throttle_summary
 from middleware import Throttle, ThrottleScope, find_deduplicate, find_inflight
 from middleware.plan import OPTION_NODE, OPTION_OPERATION
 from resources.db import session_scope
@@ -35,6 +35,7 @@ from resources.redis_client import get_redis
 from scheduler.leader import LeaderLease
 from scheduler.ledger import TickLedger
 from scheduler.runner import Scheduler, periodic_jobs, redis_clock
+from scheduler.status import scheduler_status
 from tests.fixtures import make_instance, make_tenant
 
 LIMIT_OPTION = "max_concurrent_provision_instance"
@@ -66,7 +67,9 @@ def test_status_counts_resources_operations_queues_and_scopes(stub_broker):
     _tenant, handles, scope = _throttled_creates()
 
     # When the status is gathered
-    report = gather_status(broker=stub_broker, store=Throttle().store, scheduler=_scheduler(), oldest=1)
+    report = gather_status(
+        broker=stub_broker, store=Throttle().store, scheduler=scheduler_status(_scheduler()), oldest=1
+    )
 
     # Then resources are counted per type and state
     assert report.resources == {"instance": {"CREATION_SCHEDULED": 2}, "volume": {"CREATION_SCHEDULED": 2}}
