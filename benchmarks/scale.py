@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import uuid
@@ -57,13 +56,13 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import chain, islice, pairwise
-from types import FrameType
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from .metrics import percentile
+from .throttle import clean_up_on_sigterm
 from .throughput import DATABASES, DEFAULT_POSTGRES_URL, machine_info, shown_database_url, throwaway_postgres
 
 __all__ = [
@@ -827,15 +826,11 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     )
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     # Every cancel logs a warning; without a handler Python writes each to stderr, flooding the progress lines.
     logging.getLogger().addHandler(logging.NullHandler())
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
+    clean_up_on_sigterm()
     try:
         result = run(options)
     except KeyboardInterrupt:

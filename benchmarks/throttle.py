@@ -779,9 +779,14 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def clean_up_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so a benchmark stopped either way removes what it made."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
+    clean_up_on_sigterm()
     try:
         result = run(options)
     except KeyboardInterrupt:

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import pstats
-import signal
 import sys
 import time
 import uuid
@@ -40,7 +39,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -53,6 +51,7 @@ from .throttle import (
     BOOT_TIMEOUT_S,
     Environment,
     clean_up,
+    clean_up_on_sigterm,
     create_tenant,
     operation_statuses,
     prepare_environment,
@@ -788,13 +787,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     )
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
+    clean_up_on_sigterm()
     try:
         result = run(options)
     except KeyboardInterrupt:
