@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dramatiq import Broker, Message
-from sqlalchemy import select
+from sqlalchemy import literal, select
 from sqlalchemy.orm import Session
 
 from resources.metrics import operation_ended
@@ -70,10 +70,17 @@ class Progress:
 
 @dataclass(frozen=True)
 class StepCheck:
-    """Whether a delivered step may run. ``skip`` is why not; ``ended`` says its operation is over."""
+    """Whether a delivered step may run. ``skip`` is why not; ``ended`` says its operation is over.
+
+    A step delivered again after it completed may be the only trace of a worker killed between recording
+    it and sending what follows: ``follow_up`` is what its completion led to, to send again where it has not
+    completed (the caller leaves out what is still in the broker), and ``succeeded`` says the operation
+    ended well, so its throttle slot must be free (releasing is idempotent)."""
 
     skip: str | None = None
     ended: bool = False
+    follow_up: list[Outgoing] = field(default_factory=list)
+    succeeded: bool = False
 
 
 def first_steps(plan: dict, countdown_ms: int | None = None) -> list[Outgoing]:
@@ -93,18 +100,37 @@ def _done_paths(session: Session, operation_id: str) -> set[str]:
 
 def check_step(session: Session, operation_id: str, path: str | None) -> StepCheck:
     """May step ``path`` of this operation run now? Not when its operation has ended, nor when it has
-    completed already (a duplicate delivery: what follows it was staged in the outbox with its completion,
-    so nothing is lost by skipping it)."""
-    status = session.scalar(select(Operation.status).where(Operation.id == operation_id))
-    if status is None:
+    completed already (a duplicate delivery, or a redelivery after a crash: see ``StepCheck.follow_up``).
+    One query in the common case: the step is new."""
+    done_here = select(StepDone.path).where(StepDone.operation_id == operation_id, StepDone.path == path)
+    row = session.execute(
+        select(Operation.status, done_here.exists() if path is not None else literal(False)).where(
+            Operation.id == operation_id
+        )
+    ).one_or_none()
+    if row is None:
         return StepCheck(skip=f"operation {operation_id} does not exist", ended=True)
+    status, completed = row
     if status != OperationStatus.RUNNING:
-        return StepCheck(skip=f"operation {operation_id} already {status}", ended=True)
-    if path is not None and session.scalar(
-        select(StepDone.path).where(StepDone.operation_id == operation_id, StepDone.path == path)
-    ):
-        return StepCheck(skip=f"step {path} of operation {operation_id} already completed (duplicate delivery)")
+        succeeded = status == OperationStatus.SUCCEEDED
+        return StepCheck(skip=f"operation {operation_id} already {status}", ended=True, succeeded=succeeded)
+    if completed:
+        assert path is not None
+        return StepCheck(
+            skip=f"step {path} of operation {operation_id} already completed (duplicate delivery)",
+            follow_up=_follow_up(session, operation_id, path),
+        )
     return StepCheck()
+
+
+def _follow_up(session: Session, operation_id: str, path: str) -> list[Outgoing]:
+    """The steps that the completion of ``path`` started and that have not completed yet."""
+    plan = session.scalar(select(Operation.plan).where(Operation.id == operation_id))
+    if plan is None or plan["root"] is None:
+        return []
+    done = _done_paths(session, operation_id)
+    step = advance(plan["root"], done, path)
+    return _outgoing(plan, [p for p in step.start if p not in done])
 
 
 def complete_step(session: Session, operation_id: str, path: str) -> Progress:

@@ -24,10 +24,11 @@ from resources.db import read_scope, session_scope
 from resources.models import OperationStatus
 
 from .context import StepContext, set_step_context
+from .inflight import find_inflight
 from .outbox import deliver, stage
-from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION
-from .progress import check_step, complete_step, enqueue_all, fail_operation
-from .throttle import Throttle
+from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE
+from .progress import Progress, StepCheck, check_step, complete_step, enqueue_all, fail_operation
+from .throttle import Throttle, find_throttle
 from .transient import Unavailable, retry_in_place
 
 __all__ = ["OperationTransitions", "describe_error", "end_operation", "enqueue_all"]
@@ -85,6 +86,10 @@ class OperationTransitions(Middleware):
             raise Unavailable(f"could not check step {path} of operation {operation_id}: {error}") from error
         if check.skip is not None:
             logger.info("skipping %s: %s", message, check.skip)
+            try:
+                self._finish_what_a_crash_left(broker, message, check)
+            except Exception as error:  # not sent: this message must come back to try again
+                raise Unavailable(f"could not send what follows step {path} of {operation_id}: {error}") from error
             raise SkipMessage(check.skip)
         if self.throttle is not None:
             fence = self.throttle.before_step(broker, message)
@@ -128,25 +133,62 @@ class OperationTransitions(Middleware):
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
         if exception is not None and not message.failed:
             return  # Retries will deliver it again; not a failure yet.
-        # The step has had its effect: record it even through a database blip, its message unacknowledged
-        # meanwhile (a worker killed here has it delivered again, and the duplicate is harmless).
-        outbox_id = retry_in_place(
-            lambda: self._record(message, operation_id, path, exception),
-            f"recording step {path} of operation {operation_id}",
-        )
-        deliver(broker, outbox_id, operation_id)
+        # The step has had its effect: record it even through a database or broker blip, its message
+        # unacknowledged meanwhile (a worker killed here has it delivered again, and the duplicate is harmless).
+        what = f"step {path} of operation {operation_id}"
+        if exception is not None:
+            outbox_id = retry_in_place(
+                lambda: self._record_failure(message, operation_id, exception), f"failing {what}"
+            )
+            deliver(broker, outbox_id, operation_id)
+            return
+        progress = retry_in_place(lambda: self._record_success(operation_id, path), f"recording {what}")
+        # Sent after the commit and before this step's message is acknowledged: a worker killed in between
+        # leaves this message to be delivered again, and its check sends what follows then (no outbox row,
+        # which would cost a second write transaction per step).
+        retry_in_place(lambda: self._send(broker, operation_id, progress), f"sending what follows {what}")
 
-    def _record(
-        self, message: Message[Any], operation_id: str, path: str, exception: BaseException | None
-    ) -> str | None:
-        """Record the step's outcome and stage what follows in the outbox, in one transaction; returns the
-        outbox row to deliver."""
+    def _record_success(self, operation_id: str, path: str) -> Progress:
         with self.sessions() as session:
-            if exception is None:
-                progress = complete_step(session, operation_id, path)
-            else:
-                error_traceback = "".join(traceback.format_exception(exception))
-                progress = fail_operation(
-                    session, operation_id, message.actor_name, describe_error(exception), error_traceback
-                )
+            return complete_step(session, operation_id, path)
+
+    def _record_failure(self, message: Message[Any], operation_id: str, exception: BaseException) -> str | None:
+        """Fail the operation and stage its failure callbacks and the slot's release in the outbox, in one
+        transaction (they must run even if this worker dies now); returns the outbox row to deliver."""
+        with self.sessions() as session:
+            error_traceback = "".join(traceback.format_exception(exception))
+            progress = fail_operation(
+                session, operation_id, message.actor_name, describe_error(exception), error_traceback
+            )
             return stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
+
+    def _send(self, broker: dramatiq.Broker, operation_id: str, progress: Progress) -> None:
+        enqueue_all(broker, progress.outgoing)
+        if progress.ended:
+            self._release(broker, operation_id)
+
+    def _release(self, broker: dramatiq.Broker, operation_id: str) -> None:
+        throttle = self.throttle or find_throttle(broker)
+        if throttle is not None:
+            throttle.release(broker, operation_id)  # idempotent
+
+    def _finish_what_a_crash_left(self, broker: dramatiq.Broker, message: Message[Any], check: StepCheck) -> None:
+        """A completed step, or a step of an operation that succeeded, delivered again: send what followed it
+        and is neither completed nor in the broker, and free the slot of an operation that succeeded."""
+        operation_id = message.options[OPTION_OPERATION]
+        if check.succeeded and message.options.get(OPTION_THROTTLE):
+            self._release(broker, operation_id)
+        if not check.follow_up:
+            return
+        inflight = find_inflight(broker)
+        present = {name.partition("@")[0] for name in inflight.copies(operation_id)} if inflight else set()
+        missing = [item for item in check.follow_up if item.message.message_id not in present]
+        if missing:
+            logger.warning(
+                "operation %s: step %s was recorded but what follows it was not sent (a worker stopped in "
+                "between); sending %d message(s) now",
+                operation_id,
+                message.options[OPTION_NODE],
+                len(missing),
+            )
+            enqueue_all(broker, missing)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -288,15 +288,27 @@ def check_database_url(url: str) -> None:
 
 
 #: The environment (and working directory) the last settings were read from, and those settings.
-_last_read: tuple[dict[str, str], str, Settings] | None = None
+_last_read: tuple[dict[Any, Any], str | None, Settings] | None = None
+
+
+def _environment_snapshot() -> dict[Any, Any]:
+    """The environment as CPython stores it (encoded bytes on POSIX): copying and comparing that dict runs in
+    C, a few microseconds; ``dict(os.environ)`` decodes every variable in Python, a step's largest cost."""
+    raw = getattr(os.environ, "_data", None)
+    return dict(raw) if isinstance(raw, dict) else dict(os.environ)
+
+
+def _directory_that_matters() -> str | None:
+    """The working directory, when the data directory is relative to it; None when it cannot matter."""
+    return None if Path(os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR).is_absolute() else os.getcwd()
 
 
 def get_settings() -> Settings:
     """The settings of the current environment. Steps ask several times each, so the last ones are kept
-    while the environment and the working directory are unchanged (comparing them costs microseconds,
-    reading every variable again a fraction of a millisecond); a changed variable is seen at once."""
+    while the environment (and, for a relative data directory, the working directory) is unchanged; a
+    changed variable is seen at once."""
     global _last_read
-    environment, directory = dict(os.environ), os.getcwd()
+    environment, directory = _environment_snapshot(), _directory_that_matters()
     last = _last_read
     if last is not None and last[0] == environment and last[1] == directory:
         return last[2]

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import get_settings
 from .errors import ConfigurationError
 from .models import Base
+from .sqlite_turns import TurnTakingConnection
 
 __all__ = [
     "create_schema",
@@ -56,14 +57,27 @@ def _prepare_sqlite(engine: Engine, url: str) -> None:
         # SQLite has no SELECT ... FOR UPDATE. Taking the write lock at BEGIN makes every transaction
         # serializable, so a read-then-write (a compare-and-set, a fan-in count) can never be stale.
         # A read-only transaction needs no lock: in WAL mode it reads the last commit, beside a writer.
-        read_only = connection.get_execution_options().get(_READ_ONLY)
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+            return
+        driver_connection = connection.connection.driver_connection
+        if isinstance(driver_connection, TurnTakingConnection):
+            driver_connection.begin_write()  # queues behind the other writers (see resources.sqlite_turns)
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 @functools.cache
 def _engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False})
+        engine = create_engine(
+            url,
+            connect_args={
+                "timeout": SQLITE_BUSY_TIMEOUT_S,
+                "check_same_thread": False,
+                "factory": TurnTakingConnection,
+            },
+        )
         _prepare_sqlite(engine, url)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

@@ -143,34 +143,6 @@ def test_each_row_is_sent_once_by_concurrent_relays_and_a_late_deliver(database)
     assert outbox_rows() == 0
 
 
-def test_a_worker_killed_after_committing_a_step_loses_nothing(stub_broker, stub_worker, cloud, monkeypatch):
-    # Given a worker that "dies" right after committing the first step's completion: what follows it
-    # is committed with that completion, but never sent
-    instance = make_instance(make_tenant(), volumes=0)
-    real_deliver = middleware.transitions.deliver
-    dropped: list[str | None] = []
-
-    def die_after_commit_once(broker: Any, row_id: str | None, operation_id: str = "?") -> bool:
-        if not dropped and row_id is not None:
-            dropped.append(row_id)
-            return False
-        return real_deliver(broker, row_id, operation_id)
-
-    monkeypatch.setattr(middleware.transitions, "deliver", die_after_commit_once)
-    handle = InstanceCreateExecutor.execute(instance)
-    drain(stub_broker)
-    assert handle.status() == OperationStatus.RUNNING  # stalled after its first step
-    assert outbox_rows() == 1
-
-    # When the relay runs
-    assert relay(stub_broker, older_than_s=0) == 1
-    drain(stub_broker)
-
-    # Then the operation carries on to its end
-    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
-    assert state_of(instance) == State.OK
-
-
 def test_failure_callbacks_committed_with_the_failure_survive_a_crash_before_their_send(
     stub_broker, stub_worker, cloud, monkeypatch
 ):

@@ -1,0 +1,117 @@
+"""What follows a completed step is sent after its commit, before its message is acknowledged; a worker
+stopped in between leaves the message to be delivered again, and that delivery sends what was missing —
+once: what is still in the broker is not sent twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from dramatiq import Message
+from dramatiq.middleware import CurrentMessage, SkipMessage
+
+from jobs.executors import InstanceCreateExecutor
+from middleware import OperationTransitions, find_throttle
+from middleware.plan import OPTION_NODE
+from middleware.progress import complete_step, enqueue_all
+from resources.db import session_scope
+from resources.models import OperationStatus
+from tests.fixtures import drain, make_instance, make_tenant
+
+
+def transitions_of(broker: Any) -> OperationTransitions:
+    return next(m for m in broker.middleware if isinstance(m, OperationTransitions))
+
+
+def take_queued(broker: Any) -> list[Message[Any]]:
+    """Every message waiting in the stub broker's queues, removed from them."""
+    taken = []
+    for queue in broker.queues.values():
+        while not queue.empty():
+            taken.append(Message.decode(queue.get_nowait()))
+            queue.task_done()
+    return taken
+
+
+def test_a_worker_stopped_between_its_commit_and_its_send_has_the_step_delivered_again_and_loses_nothing(
+    stub_broker, stub_worker, cloud, monkeypatch
+):
+    # Given a worker that stops right after committing its first step, before sending what follows
+    instance = make_instance(make_tenant(), volumes=0)
+    real_send = OperationTransitions._send
+    unsent: list[Message[Any]] = []
+
+    def stop_once(self: OperationTransitions, broker: Any, operation_id: str, progress: Any) -> None:
+        if not unsent:
+            unsent.append(CurrentMessage.get_current_message())
+            return
+        real_send(self, broker, operation_id, progress)
+
+    monkeypatch.setattr(OperationTransitions, "_send", stop_once)
+    handle = InstanceCreateExecutor.execute(instance)
+    drain(stub_broker)
+    assert handle.status() == OperationStatus.RUNNING  # stalled after its first step
+
+    # When the broker delivers that step again, as it does with a message its worker never acknowledged
+    stub_broker.enqueue(unsent[0])
+    drain(stub_broker)
+
+    # Then the duplicate is skipped, what followed it is sent, and the operation runs to its end
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+
+
+def test_a_completed_step_delivered_again_sends_only_what_is_neither_completed_nor_in_the_broker(stub_broker, cloud):
+    # Given an operation whose first step has been recorded (no worker: the test plays it)
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = InstanceCreateExecutor.execute(instance)
+    [first] = take_queued(stub_broker)
+    with session_scope() as session:
+        progress = complete_step(session, handle.id, first.options[OPTION_NODE])
+    assert progress.outgoing
+    transitions = transitions_of(stub_broker)
+
+    # When the step is delivered again while what follows it was never sent
+    with pytest.raises(SkipMessage):
+        transitions.before_process_message(stub_broker, first)
+
+    # Then what follows is sent
+    resent = take_queued(stub_broker)
+    assert [m.message_id for m in resent] == [item.message.message_id for item in progress.outgoing]
+
+    # When it is delivered again while what follows is in the broker (sent, not yet run)
+    enqueue_all(stub_broker, progress.outgoing)
+    with pytest.raises(SkipMessage):
+        transitions.before_process_message(stub_broker, first)
+
+    # Then nothing more is sent
+    assert len(take_queued(stub_broker)) == len(progress.outgoing)
+
+
+def test_a_step_of_a_succeeded_operation_delivered_again_frees_the_slot_a_stopped_worker_kept(
+    stub_broker, stub_worker, cloud, monkeypatch
+):
+    # Given a worker that stops after committing an operation's success, before releasing its throttle slot
+    instance = make_instance(make_tenant(), volumes=0)
+    throttle = find_throttle(stub_broker)
+    assert throttle is not None
+    real_release = OperationTransitions._release
+    last: list[Message[Any]] = []
+
+    def stop_once(self: OperationTransitions, broker: Any, operation_id: str) -> None:
+        if not last:
+            last.append(CurrentMessage.get_current_message())
+            return
+        real_release(self, broker, operation_id)
+
+    monkeypatch.setattr(OperationTransitions, "_release", stop_once)
+    handle = InstanceCreateExecutor.execute(instance)
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    drain(stub_broker)
+    assert throttle.store.state_of(handle.id) == "holding"  # still holds its slot
+
+    # When its last step is delivered again
+    stub_broker.enqueue(last[0])
+    drain(stub_broker)
+
+    # Then the slot is free
+    assert throttle.store.state_of(handle.id) == "done"
