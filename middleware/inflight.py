@@ -71,6 +71,23 @@ class InFlight(LazyRedis, Middleware):
         """The operation's messages that exist now, as ``message_id@queue``."""
         return set(self.client.smembers(self._key(operation_id)))
 
+    # The names above are added before the send, so a name may stand for a copy that never reached the
+    # broker (the sender killed in between). What must never be lost uses these marks instead, made once
+    # the broker has taken the messages.
+    def mark_sent(self, operation_id: str, message_ids: list[str]) -> None:
+        """The broker has taken these messages of the operation (a completed step's successors)."""
+        if not message_ids:
+            return
+        key = f"{self._key(operation_id)}:sent"
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.sadd(key, *message_ids)
+            pipe.expire(key, SET_TTL_S)
+            pipe.execute()
+
+    def sent(self, operation_id: str) -> set[str]:
+        """Ids of the operation's messages that ``mark_sent`` recorded."""
+        return set(self.client.smembers(f"{self._key(operation_id)}:sent"))
+
 
 def find_inflight(broker: dramatiq.Broker) -> InFlight | None:
     return next((m for m in broker.middleware if isinstance(m, InFlight)), None)

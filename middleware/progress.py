@@ -74,7 +74,7 @@ class StepCheck:
 
     A step delivered again after it completed may be the only trace of a worker killed between recording
     it and sending what follows: ``follow_up`` is what its completion led to, to send again where it has not
-    completed (the caller leaves out what is still in the broker), and ``succeeded`` says the operation
+    completed (the caller leaves out what was sent already), and ``succeeded`` says the operation
     ended well, so its throttle slot must be free (releasing is idempotent)."""
 
     skip: str | None = None

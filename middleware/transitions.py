@@ -144,9 +144,18 @@ class OperationTransitions(Middleware):
             return
         progress = retry_in_place(lambda: self._record_success(operation_id, path), f"recording {what}")
         # Sent after the commit and before this step's message is acknowledged: a worker killed in between
-        # leaves this message to be delivered again, and its check sends what follows then (no outbox row,
-        # which would cost a second write transaction per step).
-        retry_in_place(lambda: self._send(broker, operation_id, progress), f"sending what follows {what}")
+        # leaves this message to be delivered again, and its check sends what follows then. No outbox row,
+        # which would cost a second write transaction per step, unless the broker cannot take the messages.
+        try:
+            self._send(broker, operation_id, progress)
+        except Exception as error:
+            logger.warning(
+                "could not send what follows %s (%s: %s); the outbox relay sends it once the broker answers",
+                what,
+                type(error).__name__,
+                error,
+            )
+            retry_in_place(lambda: self._stage(operation_id, progress), f"keeping what follows {what} for the relay")
 
     def _record_success(self, operation_id: str, path: str) -> Progress:
         with self.sessions() as session:
@@ -162,8 +171,15 @@ class OperationTransitions(Middleware):
             )
             return stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
 
+    def _stage(self, operation_id: str, progress: Progress) -> None:
+        with self.sessions() as session:
+            stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
+
     def _send(self, broker: dramatiq.Broker, operation_id: str, progress: Progress) -> None:
         enqueue_all(broker, progress.outgoing)
+        inflight = find_inflight(broker)
+        if inflight is not None:
+            inflight.mark_sent(operation_id, [item.message.message_id for item in progress.outgoing])
         if progress.ended:
             self._release(broker, operation_id)
 
@@ -174,15 +190,15 @@ class OperationTransitions(Middleware):
 
     def _finish_what_a_crash_left(self, broker: dramatiq.Broker, message: Message[Any], check: StepCheck) -> None:
         """A completed step, or a step of an operation that succeeded, delivered again: send what followed it
-        and is neither completed nor in the broker, and free the slot of an operation that succeeded."""
+        and has neither completed nor been sent, and free the slot of an operation that succeeded."""
         operation_id = message.options[OPTION_OPERATION]
         if check.succeeded and message.options.get(OPTION_THROTTLE):
             self._release(broker, operation_id)
         if not check.follow_up:
             return
         inflight = find_inflight(broker)
-        present = {name.partition("@")[0] for name in inflight.copies(operation_id)} if inflight else set()
-        missing = [item for item in check.follow_up if item.message.message_id not in present]
+        sent = inflight.sent(operation_id) if inflight is not None else set()
+        missing = [item for item in check.follow_up if item.message.message_id not in sent]
         if missing:
             logger.warning(
                 "operation %s: step %s was recorded but what follows it was not sent (a worker stopped in "

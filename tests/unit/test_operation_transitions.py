@@ -1,22 +1,25 @@
 """What follows a completed step is sent after its commit, before its message is acknowledged; a worker
 stopped in between leaves the message to be delivered again, and that delivery sends what was missing —
-once: what is still in the broker is not sent twice."""
+once: what was sent already is not sent twice."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+import redis
 from dramatiq import Message
 from dramatiq.middleware import CurrentMessage, SkipMessage
 
 from jobs.executors import InstanceCreateExecutor
-from middleware import OperationTransitions, find_throttle
+from middleware import OperationTransitions, find_inflight, find_throttle
+from middleware.outbox import relay
 from middleware.plan import OPTION_NODE
-from middleware.progress import complete_step, enqueue_all
+from middleware.progress import complete_step
 from resources.db import session_scope
 from resources.models import OperationStatus
 from tests.fixtures import drain, make_instance, make_tenant
+from tests.unit.test_outbox import outbox_rows
 
 
 def transitions_of(broker: Any) -> OperationTransitions:
@@ -60,17 +63,22 @@ def test_a_worker_stopped_between_its_commit_and_its_send_has_the_step_delivered
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
 
 
-def test_a_completed_step_delivered_again_sends_only_what_is_neither_completed_nor_in_the_broker(stub_broker, cloud):
-    # Given an operation whose first step has been recorded (no worker: the test plays it)
+def test_a_completed_step_delivered_again_sends_only_what_is_neither_completed_nor_sent(stub_broker, cloud):
+    # Given an operation whose first step has been recorded (no worker: the test plays it), by a worker
+    # killed after InFlight noted the next message and before the broker had it
     instance = make_instance(make_tenant(), volumes=0)
     handle = InstanceCreateExecutor.execute(instance)
     [first] = take_queued(stub_broker)
     with session_scope() as session:
         progress = complete_step(session, handle.id, first.options[OPTION_NODE])
     assert progress.outgoing
+    inflight = find_inflight(stub_broker)
+    assert inflight is not None
+    for item in progress.outgoing:
+        inflight.before_enqueue(stub_broker, item.message, None)
     transitions = transitions_of(stub_broker)
 
-    # When the step is delivered again while what follows it was never sent
+    # When the step is delivered again
     with pytest.raises(SkipMessage):
         transitions.before_process_message(stub_broker, first)
 
@@ -78,8 +86,8 @@ def test_a_completed_step_delivered_again_sends_only_what_is_neither_completed_n
     resent = take_queued(stub_broker)
     assert [m.message_id for m in resent] == [item.message.message_id for item in progress.outgoing]
 
-    # When it is delivered again while what follows is in the broker (sent, not yet run)
-    enqueue_all(stub_broker, progress.outgoing)
+    # When it is delivered again after a worker sent what follows (it is in the broker, not yet run)
+    transitions._send(stub_broker, handle.id, progress)
     with pytest.raises(SkipMessage):
         transitions.before_process_message(stub_broker, first)
 
@@ -115,3 +123,30 @@ def test_a_step_of_a_succeeded_operation_delivered_again_frees_the_slot_a_stoppe
 
     # Then the slot is free
     assert throttle.store.state_of(handle.id) == "done"
+
+
+def test_what_follows_a_step_waits_in_the_outbox_while_the_broker_refuses_it(
+    stub_broker, stub_worker, cloud, monkeypatch
+):
+    # Given a broker that refuses every message after an operation's first step has been taken
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = InstanceCreateExecutor.execute(instance)
+    real_enqueue = stub_broker.enqueue
+    refused: list[str] = []
+
+    def refuse(message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        refused.append(message.message_id)
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(stub_broker, "enqueue", refuse)
+    drain(stub_broker)
+    assert refused and handle.status() == OperationStatus.RUNNING
+    assert outbox_rows() == 1  # what follows the first step, kept for the relay
+
+    # When the broker answers again and the relay runs
+    monkeypatch.setattr(stub_broker, "enqueue", real_enqueue)
+    assert relay(stub_broker, older_than_s=0) == 1
+    drain(stub_broker)
+
+    # Then the operation runs to its end
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
