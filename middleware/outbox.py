@@ -1,5 +1,7 @@
 """The transactional outbox: messages are written in the transaction of the state change that orders
-them and sent after it commits, so a commit is never left without its messages.
+them and sent after it commits, so a commit is never left without its messages. It holds an operation's
+first steps (``execute``), a failure's callbacks and slot release, and a completed step's successors
+only when the broker refused them (see ``transitions``: otherwise a redelivery of the step covers a crash).
 
 ``stage`` adds the messages to the caller's transaction; ``deliver`` (after the commit) sends one row
 and deletes it; ``relay`` sends rows a process left behind, killed between its commit and its send, or
