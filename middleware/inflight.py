@@ -84,6 +84,10 @@ class InFlight(LazyRedis, Middleware):
             pipe.expire(key, SET_TTL_S)
             pipe.execute()
 
+    def forget_sent(self, operation_id: str) -> None:
+        """The operation has ended: its marks are of no more use (they would stay until ``SET_TTL_S``)."""
+        self.client.delete(f"{self._key(operation_id)}:sent")
+
     def sent(self, operation_id: str) -> set[str]:
         """Ids of the operation's messages that ``mark_sent`` recorded."""
         return set(self.client.smembers(f"{self._key(operation_id)}:sent"))

@@ -50,7 +50,20 @@ def end_operation(
         progress = fail_operation(session, operation_id, step_name, reason, "", status=status)
         outbox_id = stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
     deliver(broker, outbox_id, operation_id)
+    if progress.ended:
+        forget_sent(broker, operation_id)
     return progress.ended
+
+
+def forget_sent(broker: dramatiq.Broker, operation_id: str) -> None:
+    """Drop an ended operation's sent marks; best effort, as their expiry removes them anyway."""
+    inflight = find_inflight(broker)
+    if inflight is None:
+        return
+    try:
+        inflight.forget_sent(operation_id)
+    except Exception as error:
+        logger.info("operation %s: sent marks left to expire (%s)", operation_id, error)
 
 
 class OperationTransitions(Middleware):
@@ -141,6 +154,7 @@ class OperationTransitions(Middleware):
                 lambda: self._record_failure(message, operation_id, exception), f"failing {what}"
             )
             deliver(broker, outbox_id, operation_id)
+            forget_sent(broker, operation_id)
             return
         progress = retry_in_place(lambda: self._record_success(operation_id, path), f"recording {what}")
         # Sent after the commit and before this step's message is acknowledged: a worker killed in between
@@ -177,11 +191,13 @@ class OperationTransitions(Middleware):
 
     def _send(self, broker: dramatiq.Broker, operation_id: str, progress: Progress) -> None:
         enqueue_all(broker, progress.outgoing)
+        if progress.ended:
+            forget_sent(broker, operation_id)
+            self._release(broker, operation_id)
+            return
         inflight = find_inflight(broker)
         if inflight is not None:
             inflight.mark_sent(operation_id, [item.message.message_id for item in progress.outgoing])
-        if progress.ended:
-            self._release(broker, operation_id)
 
     def _release(self, broker: dramatiq.Broker, operation_id: str) -> None:
         throttle = self.throttle or find_throttle(broker)

@@ -16,6 +16,7 @@ from middleware import OperationTransitions, find_inflight, find_throttle
 from middleware.outbox import relay
 from middleware.plan import OPTION_NODE
 from middleware.progress import complete_step
+from resources.backends import SimulatedConfig
 from resources.db import session_scope
 from resources.models import OperationStatus
 from tests.fixtures import drain, make_instance, make_tenant
@@ -150,3 +151,22 @@ def test_what_follows_a_step_waits_in_the_outbox_while_the_broker_refuses_it(
 
     # Then the operation runs to its end
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_ended_operation_leaves_no_sent_marks_behind(stub_broker, stub_worker, cloud, fails):
+    # Given an operation that runs to its end, well or not
+    instance = make_instance(make_tenant(), volumes=0)
+    if fails:
+        cloud.configure(SimulatedConfig(build_ms=40, delete_ms=20, failures={"instance.create": 1.0}))
+    inflight = find_inflight(stub_broker)
+    assert inflight is not None
+
+    # When it has ended
+    handle = InstanceCreateExecutor.execute(instance)
+    ended = handle.wait(timeout=30)
+    drain(stub_broker)
+
+    # Then the marks of its sent steps are gone (they would otherwise stay for days, per operation)
+    assert ended.status == (OperationStatus.FAILED if fails else OperationStatus.SUCCEEDED)
+    assert inflight.sent(handle.id) == set()
