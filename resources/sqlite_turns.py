@@ -2,8 +2,8 @@
 
 SQLite lets one writer at a time in. A writer that finds the database locked sleeps in SQLite's busy
 handler, in steps that grow to 100 ms, whether the lock is freed after one millisecond or not: with eight
-worker threads and a web process writing a few milliseconds each, most of a step's time went to those
-sleeps. Here each write transaction first takes an exclusive ``flock`` on ``<database>.writers``: the kernel
+worker threads and a web process writing a few milliseconds each, a waiter often slept on after the lock
+was free. Here each write transaction first takes an exclusive ``flock`` on ``<database>.writers``: the kernel
 queues the waiters and wakes one as soon as the lock is released, in this process or another, and a
 waiting thread uses no CPU. SQLite's own lock and busy timeout stay underneath, for any writer that does
 not take turns (another program, the ``sqlite3`` shell).
