@@ -219,6 +219,7 @@ if TYPE_CHECKING:
     import dramatiq
 
     from .dead_letters import DeadLetterListing, DeadLetters, Requeued
+    from .rabbitmq_dead_letters import RabbitmqDeadLetters
     from .status import SystemStatus
 
 
@@ -320,13 +321,19 @@ def _print_status(console: Console, report: SystemStatus) -> None:
 main.add_command(throttle_explain, name="explain")
 
 
-def _dead_letters() -> DeadLetters:
+def _dead_letters() -> DeadLetters | RabbitmqDeadLetters:
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
     from resources.errors import JobsError
 
     from .dead_letters import DeadLetters
+    from .rabbitmq_dead_letters import RabbitmqDeadLetters
 
+    broker = _current_broker()
+    if isinstance(broker, RabbitmqBroker):
+        return RabbitmqDeadLetters(broker)
     try:
-        return DeadLetters(_current_broker())
+        return DeadLetters(broker)
     except JobsError as error:
         raise click.ClickException(str(error)) from None
 

@@ -143,7 +143,7 @@ def _last_line(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Body:
+class Body:
     """A dead-lettered body, decoded if it can be."""
 
     raw: bytes
@@ -153,7 +153,7 @@ class _Body:
     unreadable: str | None
 
     @classmethod
-    def parse(cls, raw: bytes | None, queue: str) -> _Body:
+    def parse(cls, raw: bytes | None, queue: str, *, redis: bool = True) -> Body:
         if raw is None:
             return cls(b"", None, "its body is missing")
         try:
@@ -161,7 +161,7 @@ class _Body:
         except Exception as error:
             cause = getattr(error, "error", None) or error
             return cls(raw, None, f"it does not decode: {type(cause).__name__}: {cause}")
-        return cls(raw, fields if isinstance(fields, dict) else None, malformed_reason(fields, queue))
+        return cls(raw, fields if isinstance(fields, dict) else None, malformed_reason(fields, queue, redis=redis))
 
     @property
     def options(self) -> dict[str, Any]:
@@ -250,7 +250,7 @@ class Requeued:
 
 
 @dataclass(frozen=True)
-class _OperationFacts:
+class OperationFacts:
     """What a dead letter shows of its operation, read once (the rows are not kept past the read)."""
 
     id: str
@@ -260,7 +260,7 @@ class _OperationFacts:
     error_traceback: str
 
 
-def _operations(ids: Iterable[str | None]) -> dict[str, _OperationFacts]:
+def operations_of(ids: Iterable[str | None]) -> dict[str, OperationFacts]:
     wanted = sorted({i for i in ids if i})
     if not wanted:
         return {}
@@ -273,22 +273,22 @@ def _operations(ids: Iterable[str | None]) -> dict[str, _OperationFacts]:
     )
     with read_scope() as session:
         rows = session.execute(select(*columns).where(Operation.id.in_(wanted))).all()
-    return {row[0]: _OperationFacts(*row) for row in rows}
+    return {row[0]: OperationFacts(*row) for row in rows}
 
 
-def _is_step(body: _Body) -> bool:
+def _is_step(body: Body) -> bool:
     options = body.options
     return bool(options.get(OPTION_OPERATION)) and OPTION_NODE in options and OPTION_CALLBACK not in options
 
 
-def _operation_id(body: _Body) -> str | None:
+def operation_id_of(body: Body) -> str | None:
     value = body.options.get(OPTION_OPERATION)
     if isinstance(value, str) and value:
         return value
     return None
 
 
-def _error(body: _Body, operation: _OperationFacts | None) -> tuple[str, ErrorSource, str]:
+def _error(body: Body, operation: OperationFacts | None) -> tuple[str, ErrorSource, str]:
     if body.unreadable is not None:
         return f"unreadable: {body.unreadable}. Body: {preview(body.raw)}", "unreadable", ""
     actor = body.get("actor_name")
@@ -308,17 +308,71 @@ def _error(body: _Body, operation: _OperationFacts | None) -> tuple[str, ErrorSo
     return NOT_RECORDED, "none", ""
 
 
+def describe(
+    message_id: str, queue: str, dead_lettered_at: datetime, body: Body, operations: dict[str, OperationFacts]
+) -> DeadLetter:
+    """One dead letter as listed, whichever broker kept it."""
+    operation_id = operation_id_of(body)
+    operation = operations.get(operation_id) if operation_id else None
+    error, source, error_traceback = _error(body, operation)
+    resource = body.options.get(OPTION_RESOURCE)
+    retries = body.options.get("retries", 0)
+    return DeadLetter(
+        id=message_id,
+        queue=queue,
+        dead_lettered_at=dead_lettered_at,
+        message_id=body.get("message_id"),
+        actor=body.get("actor_name"),
+        operation_id=operation_id,
+        operation_status=operation.status if operation is not None else None,
+        resource=resource if isinstance(resource, str) else None,
+        retries=retries if isinstance(retries, int) else 0,
+        error=error,
+        error_source=source,
+        traceback=error_traceback,
+        is_step=_is_step(body),
+    )
+
+
+def fresh_message(body: Body, **options: Any) -> Message[Any]:
+    """The message of a readable dead letter as it is requeued: its past attempts forgotten."""
+    assert body.fields is not None
+    kept = {k: v for k, v in body.options.items() if k not in _ATTEMPT_OPTIONS}
+    return Message(**{**body.fields, "options": {**kept, **options}})
+
+
+def what_next(body: Body, operations: dict[str, OperationFacts]) -> str:
+    """What a worker does with a requeued dead letter."""
+    operation_id = operation_id_of(body)
+    if not _is_step(body) or operation_id is None:
+        return "a worker runs it again"
+    operation = operations.get(operation_id)
+    if operation is None:
+        return f"its operation {operation_id} no longer exists: a worker will skip it"
+    if operation.status != OperationStatus.RUNNING:
+        return (
+            f"its operation {operation_id} already {operation.status}: a worker will skip this step; "
+            "requeueing does not resume an operation, run it again instead"
+        )
+    return f"a worker runs it again as a step of operation {operation_id}, which is still running"
+
+
+def give_back(broker: dramatiq.Broker, message: Message[Any]) -> None:
+    """Undo what the enqueue hooks took for a message that was not requeued after all."""
+    dedup = find_deduplicate(broker)
+    if dedup is not None:
+        dedup.give_back(broker, message)
+    inflight = find_inflight(broker)
+    if inflight is not None:
+        inflight.after_nack(broker, message)
+
+
 class DeadLetters:
     """The dead letters of a Redis broker's declared queues (or of ``queues``)."""
 
     def __init__(self, broker: dramatiq.Broker, queues: Iterable[str] | None = None) -> None:
         if not isinstance(broker, RedisBroker):
-            fix = (
-                "on RabbitMQ they are the messages of each '<queue>.XQ' queue: read or move them with the "
-                "RabbitMQ management UI or rabbitmqadmin"
-                if type(broker).__name__ == "RabbitmqBroker"
-                else "unset JOBS_BROKER"
-            )
+            fix = "use jobs.rabbitmq_dead_letters" if type(broker).__name__ == "RabbitmqBroker" else "unset JOBS_BROKER"
             raise JobsError(
                 f"this command reads the Redis broker's dead letters; this process uses {type(broker).__name__}: {fix}"
             )
@@ -362,37 +416,13 @@ class DeadLetters:
         with self.client.pipeline(transaction=False) as pipe:
             for _score, name, message_id in newest:
                 pipe.hget(self.keys(name).dead_bodies, message_id)
-            bodies = [_Body.parse(raw, name) for raw, (_s, name, _i) in zip(pipe.execute(), newest, strict=True)]
-        operations = _operations(_operation_id(body) for body in bodies)
+            bodies = [Body.parse(raw, name) for raw, (_s, name, _i) in zip(pipe.execute(), newest, strict=True)]
+        operations = operations_of(operation_id_of(body) for body in bodies)
         items = [
-            self._item(score, name, message_id, body, operations)
+            describe(message_id, name, datetime.fromtimestamp(score / 1000, UTC), body, operations)
             for (score, name, message_id), body in zip(newest, bodies, strict=True)
         ]
         return DeadLetterListing(counts, items)
-
-    def _item(
-        self, score: float, queue: str, message_id: str, body: _Body, operations: dict[str, _OperationFacts]
-    ) -> DeadLetter:
-        operation_id = _operation_id(body)
-        operation = operations.get(operation_id) if operation_id else None
-        error, source, error_traceback = _error(body, operation)
-        resource = body.options.get(OPTION_RESOURCE)
-        retries = body.options.get("retries", 0)
-        return DeadLetter(
-            id=message_id,
-            queue=queue,
-            dead_lettered_at=datetime.fromtimestamp(score / 1000, UTC),
-            message_id=body.get("message_id"),
-            actor=body.get("actor_name"),
-            operation_id=operation_id,
-            operation_status=operation.status if operation is not None else None,
-            resource=resource if isinstance(resource, str) else None,
-            retries=retries if isinstance(retries, int) else 0,
-            error=error,
-            error_source=source,
-            traceback=error_traceback,
-            is_step=_is_step(body),
-        )
 
     def find(self, ids: Sequence[str], queue: str | None = None) -> dict[str, str]:
         """The queue of each id that is dead-lettered (on ``queue``, else on any queue)."""
@@ -442,17 +472,15 @@ class DeadLetters:
             for name, message_id in targets:
                 pipe.hget(self.keys(name).dead_bodies, message_id)
             raws = pipe.execute()
-        bodies = [_Body.parse(raw, name) for raw, (name, _i) in zip(raws, targets, strict=True)]
-        operations = _operations(_operation_id(body) for body in bodies)
+        bodies = [Body.parse(raw, name) for raw, (name, _i) in zip(raws, targets, strict=True)]
+        operations = operations_of(operation_id_of(body) for body in bodies)
         return [
             self._requeue_one(name, message_id, body, operations)
             for (name, message_id), body in zip(targets, bodies, strict=True)
         ]
 
-    def _requeue_one(
-        self, queue: str, message_id: str, body: _Body, operations: dict[str, _OperationFacts]
-    ) -> Requeued:
-        operation_id = _operation_id(body)
+    def _requeue_one(self, queue: str, message_id: str, body: Body, operations: dict[str, OperationFacts]) -> Requeued:
+        operation_id = operation_id_of(body)
         if body.fields is None or body.unreadable is not None:
             if not body.raw:
                 return Requeued(message_id, queue, "gone", "it is no longer dead-lettered", operation_id)
@@ -463,12 +491,8 @@ class DeadLetters:
                 f"left dead-lettered: {body.unreadable}; a worker would dead-letter it again",
                 operation_id,
             )
-        fields = dict(body.fields)
-        options = {k: v for k, v in body.options.items() if k not in _ATTEMPT_OPTIONS}
         # The id it is stored under stays: the consumer checks that a body names the id it is stored under.
-        options["redis_message_id"] = message_id
-        fields["options"] = options
-        message: Message[Any] = Message(**fields)
+        message = fresh_message(body, redis_message_id=message_id)
         try:
             self.broker.emit_before("enqueue", message, None)
         except DuplicateJob as duplicate:
@@ -482,34 +506,11 @@ class DeadLetters:
         )
         if moved != 1:
             if moved != 2:  # nothing of this message is queued: give back what the hooks took for it
-                self._give_back(message)
+                give_back(self.broker, message)
             detail = {
                 2: "requeued meanwhile by someone else",
                 3: "requeued and dead-lettered again meanwhile; list the dead letters again",
             }.get(moved, "it is no longer dead-lettered")
             return Requeued(message_id, queue, "gone", detail, operation_id)
         self.broker.emit_after("enqueue", message, None)
-        return Requeued(message_id, queue, "requeued", self._what_next(body, operations), operation_id)
-
-    def _give_back(self, message: Message[Any]) -> None:
-        dedup = find_deduplicate(self.broker)
-        if dedup is not None:
-            dedup.give_back(self.broker, message)
-        inflight = find_inflight(self.broker)
-        if inflight is not None:
-            inflight.after_nack(self.broker, message)
-
-    @staticmethod
-    def _what_next(body: _Body, operations: dict[str, _OperationFacts]) -> str:
-        operation_id = _operation_id(body)
-        if not _is_step(body) or operation_id is None:
-            return "a worker runs it again"
-        operation = operations.get(operation_id)
-        if operation is None:
-            return f"its operation {operation_id} no longer exists: a worker will skip it"
-        if operation.status != OperationStatus.RUNNING:
-            return (
-                f"its operation {operation_id} already {operation.status}: a worker will skip this step; "
-                "requeueing does not resume an operation, run it again instead"
-            )
-        return f"a worker runs it again as a step of operation {operation_id}, which is still running"
+        return Requeued(message_id, queue, "requeued", what_next(body, operations), operation_id)

@@ -102,12 +102,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def malformed_reason(fields: Any, queue_name: str) -> str | None:
+def malformed_reason(fields: Any, queue_name: str, *, redis: bool = True) -> str | None:
     """Why decoded ``fields`` are not a message a worker consuming ``queue_name`` can handle; None if they are.
 
     Checks what Dramatiq's worker relies on without checking: a worker thread finds its consumer by the
     message's queue name (an unknown one kills the thread), acknowledges it by
-    ``options["redis_message_id"]`` and looks its actor up by name.
+    ``options["redis_message_id"]`` (on Redis: ``redis=False`` skips that) and looks its actor up by name.
     """
     if not isinstance(fields, dict):
         return f"it is a JSON {type(fields).__name__}, not a message object"
@@ -117,7 +117,9 @@ def malformed_reason(fields: Any, queue_name: str) -> str | None:
     unknown = sorted(str(k) for k in fields.keys() - _FIELDS)
     if unknown:
         return _clip(f"it has unknown fields {', '.join(unknown)}")
-    if fields["queue_name"] != queue_name:
+    # On RabbitMQ a delayed copy names its delay queue wherever it is dead-lettered.
+    named = fields["queue_name"] if redis or not isinstance(fields["queue_name"], str) else q_name(fields["queue_name"])
+    if named != queue_name:
         return _clip(f"its queue_name {fields['queue_name']!r} is not the queue it is on")
     if not isinstance(fields["actor_name"], str) or not fields["actor_name"]:
         return _clip(f"its actor_name {fields['actor_name']!r} is not a name")
@@ -129,7 +131,7 @@ def malformed_reason(fields: Any, queue_name: str) -> str | None:
     if not isinstance(options, dict):
         return f"its options are a {type(options).__name__}, not an object"
     redis_message_id = options.get("redis_message_id")
-    if not isinstance(redis_message_id, str) or not redis_message_id:
+    if redis and (not isinstance(redis_message_id, str) or not redis_message_id):
         return _clip(f"its options have no redis_message_id (got {redis_message_id!r})")
     if "eta" in options and options["eta"] is not None and not _is_number(options["eta"]):
         return _clip(f"its eta {options['eta']!r} is not a time")

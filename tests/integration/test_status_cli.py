@@ -20,7 +20,6 @@ from jobs.broker import build_broker
 from jobs.dead_letters import QueueKeys
 from jobs.executors import InstanceCreateExecutor, VolumeCreateExecutor
 from jobs.processes import start_worker
-from jobs.redis_broker import JobsRedisBroker
 from middleware import Throttle, find_inflight
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.db import session_scope
@@ -28,7 +27,7 @@ from resources.models import Instance, Operation, ServiceSettings, Volume
 from resources.states import State
 from tests.conftest import SQLITE_INTEGRATION_URL
 from tests.fixtures import make_instance, make_tenant, reset_database, wait_for
-from tests.integration.conftest import redis_broker_only
+from tests.integration.conftest import on_rabbitmq, redis_broker_only
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +35,7 @@ LIMIT_OPTION = "max_concurrent_provision_instance"
 
 
 @pytest.fixture
-def live(monkeypatch, tmp_path) -> Iterator[JobsRedisBroker]:
+def live(monkeypatch, tmp_path) -> Iterator[Any]:
     """One real worker on the real Redis and a SQLite database shared with this process; builds take a
     minute and every volume create fails."""
     monkeypatch.setenv("DATABASE_URL", SQLITE_INTEGRATION_URL)
@@ -181,3 +180,53 @@ def test_status_explain_and_dead_letters_on_a_live_system(live):
     # ... without reviving the operation
     assert _status_of(doomed.id) == "failed"
     assert _status_of(handles[0].id) == "running"
+
+
+@pytest.mark.skipif(not on_rabbitmq(), reason="RabbitMQ's dead-letter queues; set BROKER_URL=amqp://… to run it")
+def test_dead_letters_on_rabbitmq_are_listed_without_being_taken_and_requeued(live):
+    # Given a volume create whose step failed for good, on RabbitMQ
+    doomed = VolumeCreateExecutor.execute(_volume(make_tenant("doomed")))
+    wait_for(
+        lambda: (
+            _state(Volume, doomed.resource_ref.split(":")[1]) == State.ERRED
+            and live.get_queue_message_counts("default")[2] == 1
+        ),
+        timeout_s=30,
+    )
+
+    # When the dead letters and the status are asked for
+    (dead_rc, dead, dead_err), (status_rc, status, status_err) = _jobs(["dead-letters", "--json"], ["status", "--json"])
+
+    # Then the dead letter is listed with the error its operation failed with, and is still dead-lettered
+    assert (dead_rc, status_rc) == (0, 0), dead_err + status_err
+    assert dead["total"] == 1 and dead["counts"]["default"] == 1
+    (letter,) = dead["dead_letters"]
+    assert (letter["actor"], letter["operation_id"], letter["operation_status"], letter["error_source"]) == (
+        "backend_method",
+        doomed.id,
+        "failed",
+        "operation",
+    )
+    assert "simulated cloud refused volume.create" in letter["error"]
+    assert letter["age_s"] >= 0
+    assert status["queues"]["default"]["dead_lettered"] == 1
+    wait_for(lambda: live.get_queue_message_counts("default")[2] == 1, timeout_s=10)
+
+    # When an unknown id is requeued with it
+    ((unknown_rc, _out, unknown_err),) = _jobs(["dead-letters", "requeue", letter["id"], "no-such-id"])
+
+    # Then nothing is requeued, and the error names the id
+    assert unknown_rc == 1 and "no-such-id" in unknown_err
+    wait_for(lambda: live.get_queue_message_counts("default")[2] == 1, timeout_s=10)
+
+    # When it is requeued
+    ((requeue_rc, requeued, requeue_err),) = _jobs(["dead-letters", "requeue", letter["id"], "--json"])
+
+    # Then the command says the worker will skip it, its operation having failed; it leaves the dead-letter
+    # queue, and the worker takes it (nothing is left ready) without reviving the operation
+    assert requeue_rc == 0, requeue_err
+    (result,) = requeued["results"]
+    assert (result["outcome"], result["operation_id"]) == ("requeued", doomed.id)
+    assert "already failed: a worker will skip this step" in result["detail"]
+    wait_for(lambda: live.get_queue_message_counts("default")[:3:2] == (0, 0), timeout_s=15)
+    assert _status_of(doomed.id) == "failed"

@@ -23,7 +23,7 @@ from dramatiq import Message
 import scheduler.app  # noqa: F401  (declares the periodic jobs on the project broker before any test swaps it)
 from jobs.broker import build_middleware
 from jobs.cli import main
-from jobs.dead_letters import DeadLetters, QueueKeys, UnknownDeadLetters, UnknownQueue, _Body
+from jobs.dead_letters import Body, DeadLetters, QueueKeys, UnknownDeadLetters, UnknownQueue
 from jobs.executors import InstanceCreateExecutor
 from jobs.redis_broker import JobsRedisBroker
 from jobs.status import gather_status, queue_counts, throttle_summary
@@ -444,7 +444,7 @@ def test_a_requeue_that_lost_a_race_moves_nothing(redis_broker):
     redis_id = _dead_letter(redis_broker, Message(QUEUE, "some_job", (), {}, {}))
     store = DeadLetters(redis_broker)
     keys = QueueKeys(redis_broker.namespace, QUEUE)
-    stale = _Body.parse(redis_broker.client.hget(keys.dead_bodies, redis_id), QUEUE)
+    stale = Body.parse(redis_broker.client.hget(keys.dead_bodies, redis_id), QUEUE)
     assert [r.outcome for r in store.requeue([redis_id])] == ["requeued"]
 
     # When the first goes on with what it read
