@@ -194,7 +194,8 @@ def test_redis_down_at_execute_commits_and_the_operation_runs_once_redis_is_back
     # Then once Redis is back the operation runs, once
     outage.redis.start()
     wait_for(lambda: _state(instance) == State.OK, timeout_s=90)
-    assert handle.status() == OperationStatus.SUCCEEDED
+    # The resource is OK once its last step has run; the operation ends when that step is recorded, after.
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert SimulatedCloud().creates_made("instance") == 1
     wait_for(lambda: _outbox_rows() == 0, timeout_s=30)
 
