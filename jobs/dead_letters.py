@@ -367,23 +367,13 @@ def give_back(broker: dramatiq.Broker, message: Message[Any]) -> None:
         inflight.after_nack(broker, message)
 
 
-class DeadLetters:
-    """The dead letters of a Redis broker's declared queues (or of ``queues``)."""
+class QueueSelection:
+    """The broker's declared queues (or ``queues``), and the ones a command names."""
 
     def __init__(self, broker: dramatiq.Broker, queues: Iterable[str] | None = None) -> None:
-        if not isinstance(broker, RedisBroker):
-            fix = "use jobs.rabbitmq_dead_letters" if type(broker).__name__ == "RabbitmqBroker" else "unset JOBS_BROKER"
-            raise JobsError(
-                f"this command reads the Redis broker's dead letters; this process uses {type(broker).__name__}: {fix}"
-            )
         self.broker = broker
-        self.client: redis.Redis = broker.client
         declared = {q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))}
         self.queues = sorted(declared if queues is None else set(queues))
-        self._move = self.client.register_script(_MOVE)
-
-    def keys(self, queue: str) -> QueueKeys:
-        return QueueKeys(self.broker.namespace, queue)
 
     def _queues(self, queue: str | None) -> list[str]:
         if queue is None:
@@ -391,6 +381,25 @@ class DeadLetters:
         if queue not in self.queues:
             raise UnknownQueue(queue, self.queues)
         return [queue]
+
+
+class DeadLetters(QueueSelection):
+    """The dead letters of a Redis broker's declared queues (or of ``queues``)."""
+
+    broker: RedisBroker
+
+    def __init__(self, broker: dramatiq.Broker, queues: Iterable[str] | None = None) -> None:
+        if not isinstance(broker, RedisBroker):
+            fix = "use jobs.rabbitmq_dead_letters" if type(broker).__name__ == "RabbitmqBroker" else "unset JOBS_BROKER"
+            raise JobsError(
+                f"this command reads the Redis broker's dead letters; this process uses {type(broker).__name__}: {fix}"
+            )
+        super().__init__(broker, queues)
+        self.client: redis.Redis = broker.client
+        self._move = self.client.register_script(_MOVE)
+
+    def keys(self, queue: str) -> QueueKeys:
+        return QueueKeys(self.broker.namespace, queue)
 
     # -- looking -------------------------------------------------------------------------------------
     def counts(self, queue: str | None = None) -> dict[str, int]:

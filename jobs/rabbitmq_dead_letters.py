@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,9 +34,9 @@ from .dead_letters import (
     DeadLetter,
     DeadLetterListing,
     OperationFacts,
+    QueueSelection,
     Requeued,
     UnknownDeadLetters,
-    UnknownQueue,
     describe,
     fresh_message,
     operation_id_of,
@@ -77,20 +77,10 @@ def _id_of(body: Body) -> str:
     return message_id or f"unreadable-{hashlib.sha1(body.raw).hexdigest()[:16]}"
 
 
-class RabbitmqDeadLetters:
+class RabbitmqDeadLetters(QueueSelection):
     """The dead letters of a RabbitMQ broker's declared queues (or of ``queues``)."""
 
-    def __init__(self, broker: RabbitmqBroker, queues: Iterable[str] | None = None) -> None:
-        self.broker = broker
-        declared = {q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))}
-        self.queues = sorted(declared if queues is None else set(queues))
-
-    def _queues(self, queue: str | None) -> list[str]:
-        if queue is None:
-            return self.queues
-        if queue not in self.queues:
-            raise UnknownQueue(queue, self.queues)
-        return [queue]
+    broker: RabbitmqBroker
 
     @contextmanager
     def _channel(self) -> Iterator[Any]:
