@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-__all__ = ["ManagedProcess", "start_process", "start_scheduler", "start_worker"]
+__all__ = ["ManagedProcess", "start_process", "start_scheduler", "start_worker", "stop_all"]
 
 #: How long a worker gets to finish its in-flight steps after SIGTERM before it is killed, seconds.
 STOP_TIMEOUT_S = 30
@@ -27,16 +27,26 @@ class ManagedProcess:
     process: subprocess.Popen[bytes]
     log_path: Path | None
     _log: IO[bytes] | None
+    _stop_requested: bool = False
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def stop(self) -> None:
-        if self.alive():
-            # The dramatiq master forwards SIGTERM to its worker processes and waits for their steps;
-            # the scheduler hands its lease over and exits on it. Only the group leader gets it: a worker
-            # signalled twice exits at once.
+        self.request_stop()
+        self.wait_stopped()
+
+    def request_stop(self) -> None:
+        """SIGTERM, once: the dramatiq master forwards it to its worker processes and waits for their steps;
+        the scheduler hands its lease over and exits on it. Only the group leader gets it, and only once: a
+        worker signalled twice exits at once."""
+        if self.alive() and not self._stop_requested:
             self.process.send_signal(signal.SIGTERM)
+            self._stop_requested = True
+
+    def wait_stopped(self) -> None:
+        """Wait for the exit that ``request_stop`` asked for; SIGKILL the group after ``STOP_TIMEOUT_S``."""
+        if self.alive():
             try:
                 self.process.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -47,6 +57,16 @@ class ManagedProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def stop_all(processes: Iterable[ManagedProcess]) -> None:
+    """Stop several processes at once: each takes a second or two to shut down (Dramatiq's processes look
+    at their stop flag once a second), and they can all take it together."""
+    running = list(processes)
+    for process in running:
+        process.request_stop()
+    for process in running:
+        process.wait_stopped()
 
 
 def start_process(

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from jobs.broker import build_broker
 from jobs.executors import InstanceCreateExecutor, VolumeCreateExecutor
-from jobs.processes import ManagedProcess, start_worker
+from jobs.processes import ManagedProcess, start_worker, stop_all
 from jobs.redis_broker import JobsRedisBroker
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.db import session_scope
@@ -104,8 +104,7 @@ def system(request, monkeypatch, tmp_path) -> Iterator[System]:
     try:
         yield system
     finally:
-        for worker in system.workers:
-            worker.stop()
+        stop_all(system.workers)
         dramatiq.set_broker(previous)
         cloud.reset()
         if system.broker is not None:

@@ -25,7 +25,7 @@ from jobs.broker import build_broker
 from jobs.executors import InstanceCreateExecutor, InstanceDeleteExecutor, InstanceResizeExecutor
 from jobs.executors.base import OperationHandle
 from jobs.executors.throttling import provisioning_scope
-from jobs.processes import ManagedProcess, start_worker
+from jobs.processes import ManagedProcess, start_worker, stop_all
 from middleware import find_throttle
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.db import session_scope
@@ -113,8 +113,7 @@ class Chaos:
 
     def stop(self) -> None:
         self.stop_killing()
-        for worker in self.workers:
-            worker.stop()
+        stop_all(self.workers)
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(self.tmp_path.glob("*.log")))

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from jobs.broker import build_broker
 from jobs.executors import InstanceCreateExecutor, InstanceDeleteExecutor, InstanceResizeExecutor
-from jobs.processes import start_worker
+from jobs.processes import start_worker, stop_all
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.db import session_scope
 from resources.models import Instance, Operation, Volume
@@ -55,8 +55,7 @@ def live_system(request, monkeypatch, tmp_path):
     try:
         yield cloud
     finally:
-        for worker in workers:
-            worker.stop()
+        stop_all(workers)
         dramatiq.set_broker(previous)
         cloud.reset()
 

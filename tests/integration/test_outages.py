@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from jobs.broker import build_broker
 from jobs.executors import InstanceCreateExecutor
-from jobs.processes import ManagedProcess, start_worker
+from jobs.processes import ManagedProcess, start_worker, stop_all
 from middleware import find_throttle
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.db import session_scope
@@ -60,8 +60,7 @@ class Outage:
         ]
 
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
+        stop_all(self.workers)
         self.redis.stop()
 
     def logs(self) -> str:

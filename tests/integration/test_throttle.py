@@ -21,7 +21,7 @@ from benchmarks.audit import AuditLog, audit, read_events
 from benchmarks.workload import AuditedExecutor
 from jobs.broker import build_broker
 from jobs.executors.throttling import provisioning_scope
-from jobs.processes import ManagedProcess, start_worker
+from jobs.processes import ManagedProcess, start_worker, stop_all
 from middleware import ThrottleScope, find_throttle
 from resources.db import session_scope
 from resources.models import Instance, Operation, Resource
@@ -73,8 +73,7 @@ class System:
         self.workers[index] = self._start(index, threads=8)
 
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
+        stop_all(self.workers)
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp_path.glob("*.log")))
