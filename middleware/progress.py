@@ -9,7 +9,7 @@ other's completions, and the last one to finish is the only one that moves on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dramatiq import Broker, Message
@@ -20,7 +20,7 @@ from resources.metrics import operation_ended
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.transitions import record_error
 
-from .plan import advance, message_of, start_paths
+from .plan import Advance, advance, message_of, start_paths
 
 __all__ = [
     "Outgoing",
@@ -28,9 +28,12 @@ __all__ = [
     "StepCheck",
     "check_step",
     "complete_step",
+    "complete_steps",
     "enqueue_all",
     "fail_operation",
     "first_steps",
+    "outgoing_of",
+    "pending_after",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,8 @@ class Outgoing:
     delay: int | None = None
 
 
-def _outgoing(plan: dict, paths: list[str], extra_delay: int | None = None) -> list[Outgoing]:
+def outgoing_of(plan: dict, paths: list[str], extra_delay: int | None = None) -> list[Outgoing]:
+    """The messages of steps ``paths`` of ``plan``."""
     result = []
     for path in paths:
         message = message_of(plan["root"], path)
@@ -66,6 +70,9 @@ class Progress:
 
     outgoing: list[Outgoing]
     ended: bool = False
+    #: The operation's plan and its nodes done, when a completion was recorded (a chain goes on from them).
+    plan: dict | None = None
+    done: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def first_steps(plan: dict, countdown_ms: int | None = None) -> list[Outgoing]:
     """The messages that start an operation (the countdown delays only these, as in Waldur)."""
     if plan["root"] is None:
         return []
-    return _outgoing(plan, start_paths(plan["root"], ""), countdown_ms)
+    return outgoing_of(plan, start_paths(plan["root"], ""), countdown_ms)
 
 
 def _locked(session: Session, operation_id: str) -> Operation | None:
@@ -124,32 +131,64 @@ def check_step(session: Session, operation_id: str, path: str | None) -> StepChe
 
 
 def _follow_up(session: Session, operation_id: str, path: str) -> list[Outgoing]:
-    """The steps that the completion of ``path`` started and that have not completed yet."""
+    """The steps that the completion of ``path`` started and that have not completed yet. A started step
+    that has completed was chained (run by the same worker, never sent): what it started is followed too."""
     plan = session.scalar(select(Operation.plan).where(Operation.id == operation_id))
     if plan is None or plan["root"] is None:
         return []
     done = _done_paths(session, operation_id)
-    step = advance(plan["root"], done, path)
-    return _outgoing(plan, [p for p in step.start if p not in done])
+    return outgoing_of(plan, pending_after(plan["root"], done, path))
+
+
+def pending_after(root: dict, done: set[str], path: str) -> list[str]:
+    """The steps not in ``done`` that the completion of ``path`` started, directly or through started steps
+    that are in ``done``. Pure."""
+    pending, completed, seen = [], [path], {path}
+    while completed:
+        for started in advance(root, done, completed.pop()).start:
+            if started in seen:
+                continue
+            seen.add(started)
+            (completed if started in done else pending).append(started)
+    return pending
 
 
 def complete_step(session: Session, operation_id: str, path: str) -> Progress:
     """Record step ``path`` as done and return what to enqueue next (nothing for a duplicate)."""
+    return complete_steps(session, operation_id, [path])
+
+
+def complete_steps(session: Session, operation_id: str, paths: Sequence[str]) -> Progress:
+    """Record steps ``paths`` as done, in the order they ran (a chain's steps, see ``chain``), and return what
+    the last one leads to (nothing when it was recorded already)."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
         return Progress([])
     done = _done_paths(session, operation_id)
-    if path in done:
-        logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
+    step = _record(session, operation, done, paths)
+    if step is None:
         return Progress([])
-    step = advance(operation.plan["root"], done, path)
-    session.add_all(StepDone(operation_id=operation_id, path=p) for p in step.completed)
     if step.finished:
         operation.status = OperationStatus.SUCCEEDED
         operation.finished_at = utcnow()
         operation_ended(session, operation)
         logger.info("operation %s (%s) succeeded", operation_id, operation.executor)
-    return Progress(_outgoing(operation.plan, step.start), ended=step.finished)
+    return Progress(outgoing_of(operation.plan, step.start), ended=step.finished, plan=operation.plan, done=done)
+
+
+def _record(session: Session, operation: Operation, done: set[str], paths: Sequence[str]) -> Advance | None:
+    """Add ``paths`` (and the nodes their completion completes) to ``done`` and to the session; the last
+    path's advance, or None when the last one was done already."""
+    step = None
+    for path in paths:
+        if path in done:
+            logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation.id)
+            step = None
+            continue
+        step = advance(operation.plan["root"], done, path)
+        session.add_all(StepDone(operation_id=operation.id, path=p) for p in step.completed if p not in done)
+        done.update(step.completed)
+    return step
 
 
 def fail_operation(
@@ -160,20 +199,23 @@ def fail_operation(
     error_traceback: str,
     *,
     status: str = OperationStatus.FAILED,
+    completed: Sequence[str] = (),
 ) -> Progress:
     """Fail (or cancel) the operation once: store the error on it and on every resource whose part did
     not finish, and return the failure callbacks to enqueue. A second call (another member of a group
-    failing, a duplicate delivery) finds the operation no longer running: nothing to do, not ended."""
+    failing, a duplicate delivery) finds the operation no longer running: nothing to do, not ended.
+    ``completed``: steps that ran before the failure and are not recorded yet (earlier steps of a chain)."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
         return Progress([])
+    done = _done_paths(session, operation_id)
+    _record(session, operation, done, completed)
     operation.status = status
     operation.finished_at = utcnow()
     operation.failed_step = step_name[:200]
     operation.error_message = error_message
     operation.error_traceback = error_traceback
     operation_ended(session, operation)
-    done = _done_paths(session, operation_id)
     callbacks: list[Outgoing] = []
     for party in operation.plan["parties"]:
         if party["path"] is not None and party["path"] in done:

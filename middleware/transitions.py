@@ -20,14 +20,16 @@ from dramatiq import Message
 from dramatiq.middleware import Middleware, SkipMessage
 from sqlalchemy.orm import Session
 
+from resources.config import get_settings
 from resources.db import read_scope, session_scope
 from resources.models import OperationStatus
 
+from .chain import StepChain
 from .context import StepContext, set_step_context
 from .inflight import find_inflight
 from .outbox import deliver, stage
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE
-from .progress import Progress, StepCheck, check_step, complete_step, enqueue_all, fail_operation
+from .progress import Progress, StepCheck, check_step, complete_steps, enqueue_all, fail_operation
 from .throttle import Throttle, find_throttle
 from .transient import Unavailable, retry_in_place
 
@@ -76,10 +78,12 @@ class OperationTransitions(Middleware):
         sessions: Callable[[], AbstractContextManager[Session]] = session_scope,
         throttle: Throttle | None = None,
         read_sessions: Callable[[], AbstractContextManager[Session]] = read_scope,
+        chain_budget_s: float | None = None,
     ) -> None:
         self.sessions = sessions
         self.read_sessions = read_sessions
         self.throttle = throttle
+        self.chain = StepChain(get_settings().step_chain_s if chain_budget_s is None else chain_budget_s)
 
     @staticmethod
     def _is_step(message: Message[Any]) -> bool:
@@ -92,11 +96,7 @@ class OperationTransitions(Middleware):
         if not self._is_step(message):
             return
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
-        try:
-            with self.read_sessions() as session:
-                check = check_step(session, operation_id, path)
-        except Exception as error:  # Dramatiq would log it and run the step unchecked
-            raise Unavailable(f"could not check step {path} of operation {operation_id}: {error}") from error
+        check = self._check(operation_id, path)  # a chained step too: a cancel stops the chain here
         if check.skip is not None:
             logger.info("skipping %s: %s", message, check.skip)
             try:
@@ -107,6 +107,13 @@ class OperationTransitions(Middleware):
         if self.throttle is not None:
             fence = self.throttle.before_step(broker, message)
             set_step_context(dataclasses.replace(context, throttle_fence=fence))
+
+    def _check(self, operation_id: str, path: str) -> StepCheck:
+        try:
+            with self.read_sessions() as session:
+                return check_step(session, operation_id, path)
+        except Exception as error:  # Dramatiq would log it and run the step unchecked
+            raise Unavailable(f"could not check step {path} of operation {operation_id}: {error}") from error
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
         set_step_context(None)
@@ -150,13 +157,26 @@ class OperationTransitions(Middleware):
         # unacknowledged meanwhile (a worker killed here has it delivered again, and the duplicate is harmless).
         what = f"step {path} of operation {operation_id}"
         if exception is not None:
+            completed = self.chain.take_pending() if self.chain.is_chained(message) else []
             outbox_id = retry_in_place(
-                lambda: self._record_failure(message, operation_id, exception), f"failing {what}"
+                lambda: self._record_failure(message, operation_id, exception, completed), f"failing {what}"
             )
             deliver(broker, outbox_id, operation_id)
             forget_sent(broker, operation_id)
             return
-        progress = retry_in_place(lambda: self._record_success(operation_id, path), f"recording {what}")
+        if self.chain.is_chained(message):
+            successor = self.chain.defer(broker, message, path)
+            if successor is not None:
+                self.chain.run(broker, successor, Progress([]), self._record_completions)
+                return
+            paths = self.chain.take_pending()
+        else:
+            paths = [path]
+        progress = retry_in_place(lambda: self._record_success(operation_id, paths), f"recording {what}")
+        successor = self.chain.successor(broker, message, progress)
+        if successor is not None:
+            self.chain.run(broker, successor, progress, self._record_completions)
+            return
         # Sent after the commit and before this step's message is acknowledged: a worker killed in between
         # leaves this message to be delivered again, and its check sends what follows then. No outbox row,
         # which would cost a second write transaction per step, unless the broker cannot take the messages.
@@ -171,17 +191,30 @@ class OperationTransitions(Middleware):
             )
             retry_in_place(lambda: self._stage(operation_id, progress), f"keeping what follows {what} for the relay")
 
-    def _record_success(self, operation_id: str, path: str) -> Progress:
+    def _record_success(self, operation_id: str, paths: list[str]) -> Progress:
         with self.sessions() as session:
-            return complete_step(session, operation_id, path)
+            return complete_steps(session, operation_id, paths)
 
-    def _record_failure(self, message: Message[Any], operation_id: str, exception: BaseException) -> str | None:
+    def _record_completions(self, operation_id: str, paths: list[str]) -> None:
+        """A chain stopped at a step that did not complete (it is retried, or was skipped): record the steps
+        that did. What the last of them leads to is that very step, already taken care of."""
+        what = f"steps {', '.join(paths)} of operation {operation_id}"
+        retry_in_place(lambda: self._record_success(operation_id, paths), f"recording {what}")
+
+    def _record_failure(
+        self, message: Message[Any], operation_id: str, exception: BaseException, completed: list[str]
+    ) -> str | None:
         """Fail the operation and stage its failure callbacks and the slot's release in the outbox, in one
         transaction (they must run even if this worker dies now); returns the outbox row to deliver."""
         with self.sessions() as session:
             error_traceback = "".join(traceback.format_exception(exception))
             progress = fail_operation(
-                session, operation_id, message.actor_name, describe_error(exception), error_traceback
+                session,
+                operation_id,
+                message.actor_name,
+                describe_error(exception),
+                error_traceback,
+                completed=completed,
             )
             return stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
 

@@ -97,6 +97,10 @@ class Settings:
     #: ... looking every this many seconds: an operation's messages are sent within about
     #: grace + interval of its commit, as soon as Redis and one worker are up.
     outbox_relay_interval_s: float = 5.0
+    #: Step chaining: a worker that finishes a step runs the operation's next step itself (when it is the
+    #: only one to start, on the same queue, without delay) for up to this many seconds in a row, instead
+    #: of sending it through the broker; JOBS_STEP_CHAIN=off (0 here) sends every step through the broker.
+    step_chain_s: float = 30.0
     #: Attempts of a step that hit a transient infrastructure error (database or Redis unreachable)
     #: before it fails for good; each waits twice as long as the one before, from 1 s up to 60 s.
     transient_retries: int = 10
@@ -347,6 +351,7 @@ def _read_settings() -> Settings:
         broker_maintenance_interval_s=_env_number("JOBS_BROKER_MAINTENANCE_INTERVAL_S", 5.0, float),
         outbox_grace_s=_env_number("JOBS_OUTBOX_GRACE_S", 5.0, float),
         outbox_relay_interval_s=_env_number("JOBS_OUTBOX_RELAY_INTERVAL_S", 5.0, float),
+        step_chain_s=_env_number("JOBS_STEP_CHAIN_S", 30.0, float) if _env_switch("JOBS_STEP_CHAIN", True) else 0.0,
         transient_retries=_env_number("JOBS_TRANSIENT_RETRIES", 10, int),
         max_message_bytes=_env_number("JOBS_MAX_MESSAGE_BYTES", 256 * 1024, int),
         scheduler_timezone=_env_zone("JOBS_SCHEDULER_TIMEZONE", "UTC"),

@@ -18,7 +18,7 @@ from sqlalchemy import delete
 
 from jobs import queues
 from jobs.broker import broker as project_broker
-from middleware import Deduplicate, Throttle
+from middleware import Deduplicate, OperationTransitions, Throttle
 from middleware.redis_state import LazyRedis
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.config import get_settings
@@ -100,6 +100,14 @@ def stub_broker(database: None) -> Iterator[StubBroker]:
     dramatiq.set_broker(previous)
     project_broker.flush_all()
     forget_clients(project_broker)
+
+
+@pytest.fixture
+def unchained(stub_broker: StubBroker, monkeypatch: pytest.MonkeyPatch) -> StubBroker:
+    """The stub broker with step chaining off: every step goes through the broker, for tests of that path."""
+    transitions = next(m for m in stub_broker.middleware if isinstance(m, OperationTransitions))
+    monkeypatch.setattr(transitions.chain, "budget_s", 0.0)
+    return stub_broker
 
 
 def forget_clients(broker: dramatiq.Broker) -> None:

@@ -34,7 +34,7 @@ class RedeliverVolumeCallbacks(Middleware):
         broker.enqueue(message.copy())
 
 
-def test_group_fan_in_fires_once_with_redelivered_members(stub_broker, stub_worker, cloud):
+def test_group_fan_in_fires_once_with_redelivered_members(stub_broker, unchained, stub_worker, cloud):
     # Given an instance with three volumes, and a broker that delivers each volume's last step twice
     instance = make_instance(make_tenant(), volumes=3)
     redeliver = RedeliverVolumeCallbacks()

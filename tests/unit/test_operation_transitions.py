@@ -38,7 +38,7 @@ def take_queued(broker: Any) -> list[Message[Any]]:
 
 
 def test_a_worker_stopped_between_its_commit_and_its_send_has_the_step_delivered_again_and_loses_nothing(
-    stub_broker, stub_worker, cloud, monkeypatch
+    stub_broker, unchained, stub_worker, cloud, monkeypatch
 ):
     # Given a worker that stops right after committing its first step, before sending what follows
     instance = make_instance(make_tenant(), volumes=0)
@@ -127,7 +127,7 @@ def test_a_step_of_a_succeeded_operation_delivered_again_frees_the_slot_a_stoppe
 
 
 def test_what_follows_a_step_waits_in_the_outbox_while_the_broker_refuses_it(
-    stub_broker, stub_worker, cloud, monkeypatch
+    stub_broker, unchained, stub_worker, cloud, monkeypatch
 ):
     # Given a broker that refuses every message after an operation's first step has been taken
     instance = make_instance(make_tenant(), volumes=0)

@@ -1,0 +1,226 @@
+"""Step chaining: a worker runs an operation's next step itself, records the chain's steps together, and a
+crash, a cancel, a failure or a retry in the middle of a chain loses nothing and runs nothing twice that
+was recorded."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import dramatiq
+import pytest
+from dramatiq import Message
+from dramatiq.middleware import Middleware
+from sqlalchemy import exc as sql_errors
+from sqlalchemy import select
+
+from jobs import queues
+from jobs.executors import BaseExecutor
+from jobs.executors.base import Signature
+from middleware import current_step, end_operation
+from middleware.plan import OPTION_NODE
+from middleware.progress import complete_steps, pending_after
+from middleware.transient import retry_transient
+from resources.db import session_scope
+from resources.models import OperationStatus, Resource, StepDone
+from tests.fixtures import drain, make_instance, make_tenant
+
+ran: list[tuple[str, str | None]] = []
+ran_lock = threading.Lock()
+blipped: set[str] = set()
+
+
+@dramatiq.actor(queue_name=queues.DEFAULT, retry_when=retry_transient, min_backoff=10, max_backoff=10)
+def chain_probe(label: str, behaviour: str = "") -> None:
+    """One step: notes that it ran (with the plan node it ran as), then does what ``behaviour`` says."""
+    with ran_lock:
+        ran.append((label, current_step().node))
+    if behaviour == "cancel":
+        operation_id = current_step().operation_id or ""
+        end_operation(dramatiq.get_broker(), operation_id, "chain_probe", "by a test", status=OperationStatus.CANCELLED)
+    elif behaviour == "fail":
+        raise ValueError(f"step {label} fails for good")
+    elif behaviour == "blip" and label not in blipped:
+        blipped.add(label)
+        raise sql_errors.OperationalError("UPDATE ...", {}, Exception("database is locked"))
+
+
+class SequenceExecutor(BaseExecutor):
+    """Steps in sequence, one per entry of ``behaviours``; the last may go to ``last_queue``."""
+
+    required_options = frozenset({"behaviours"})
+    options = frozenset({"last_queue"})
+
+    @classmethod
+    def get_task_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
+        messages = [chain_probe.message(f"s{i}", b) for i, b in enumerate(kwargs["behaviours"])]
+        if kwargs.get("last_queue"):
+            messages[-1] = messages[-1].copy(queue_name=kwargs["last_queue"])
+        return messages
+
+
+class CountEnqueues(Middleware):
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def after_enqueue(self, broker: Any, message: Message[Any], delay: int | None) -> None:
+        if message.actor_name == chain_probe.actor_name:
+            self.sent.append(message.args[0])
+
+
+@pytest.fixture
+def enqueues(stub_broker: Any) -> Any:
+    ran.clear()
+    blipped.clear()
+    counter = CountEnqueues()
+    stub_broker.add_middleware(counter)
+    yield counter
+    stub_broker.middleware.remove(counter)
+
+
+def done_paths(operation_id: str) -> set[str]:
+    with session_scope() as session:
+        return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
+
+
+def labels() -> list[str]:
+    return [label for label, _node in ran]
+
+
+def test_a_sequence_runs_as_one_delivery_with_every_step_recorded(stub_broker, enqueues, stub_worker):
+    # Given a five-step sequence
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=[""] * 5)
+    drain(stub_broker)
+
+    # Then only its first step went through the broker, every step ran once as its own plan node, and all
+    # of them are recorded
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0"]
+    assert labels() == ["s0", "s1", "s2", "s3", "s4"]
+    assert [node for _label, node in ran] == ["0", "1", "2", "3", "4"]
+    assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
+
+
+def test_without_chaining_every_step_goes_through_the_broker(stub_broker, unchained, enqueues, stub_worker):
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = SequenceExecutor.execute(instance, behaviours=[""] * 5)
+    drain(stub_broker)
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0", "s1", "s2", "s3", "s4"]
+
+
+def test_a_step_for_another_queue_is_sent_to_it(stub_broker, enqueues, stub_worker):
+    # Given a sequence whose last step belongs to the heavy queue
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=[""] * 3, last_queue=queues.HEAVY)
+    drain(stub_broker)
+
+    # Then that step went through the broker, to its queue's workers
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0", "s2"]
+
+
+def test_a_chain_stops_at_its_time_budget(stub_broker, enqueues, stub_worker, monkeypatch):
+    # Given a chain budget already spent when the first chained step ends
+    transitions = next(m for m in stub_broker.middleware if m.__class__.__name__ == "OperationTransitions")
+    monkeypatch.setattr(transitions.chain, "budget_s", 1e-9)
+
+    # When a four-step sequence runs
+    handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=[""] * 4)
+    drain(stub_broker)
+
+    # Then each chain ran one step after its delivered one before sending the next through the broker
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0", "s2"]
+
+
+def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_record(stub_broker, enqueues, request):
+    # Given a five-step operation whose worker recorded step 0, then steps 1 and 2 as one chain, and was
+    # killed during step 3, its first message unacknowledged (no worker has consumed anything yet)
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = SequenceExecutor.execute(instance, behaviours=[""] * 5)
+    first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
+    stub_broker.queues[queues.DEFAULT].task_done()
+    with session_scope() as session:
+        complete_steps(session, handle.id, [first.options[OPTION_NODE]])
+    with session_scope() as session:
+        complete_steps(session, handle.id, ["1", "2"])
+
+    # When the broker delivers that first message again
+    request.getfixturevalue("stub_worker")
+    stub_broker.enqueue(first)
+    drain(stub_broker)
+
+    # Then the operation went on from step 3, and no recorded step ran again
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert labels() == ["s3", "s4"]
+
+
+def test_the_steps_still_to_run_are_found_through_recorded_steps() -> None:
+    # A sequence of three steps and a group of two: what step 0's completion led to, given what is done
+    root = {
+        "kind": "seq",
+        "children": [
+            {"kind": "step"},
+            {"kind": "step"},
+            {"kind": "par", "children": [{"kind": "step"}, {"kind": "step"}]},
+        ],
+    }
+    assert pending_after(root, {"0"}, "0") == ["1"]
+    assert pending_after(root, {"0", "1"}, "0") == ["2.0", "2.1"]
+    assert pending_after(root, {"0", "1", "2.0"}, "0") == ["2.1"]
+    assert pending_after(root, {"0", "1", "2.0", "2.1", "2", ""}, "0") == []
+
+
+def test_a_cancel_stops_the_chain_before_its_next_step(stub_broker, enqueues, stub_worker):
+    # Given a sequence whose second step cancels the operation
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=["", "cancel", "", ""])
+    drain(stub_broker)
+
+    # Then no step after the cancel ran
+    assert handle.wait(timeout=30).status == OperationStatus.CANCELLED
+    assert labels() == ["s0", "s1"]
+
+
+def test_a_step_failing_in_a_chain_fails_the_operation_with_the_steps_before_it_recorded(
+    stub_broker, enqueues, stub_worker
+):
+    # Given a sequence whose third step fails for good
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=["", "", "fail", ""])
+    drain(stub_broker)
+
+    # Then the operation failed at that step, the two before it are recorded, and nothing after it ran
+    operation = handle.wait(timeout=30)
+    assert operation.status == OperationStatus.FAILED
+    assert operation.error_message == "step s2 fails for good"
+    assert labels() == ["s0", "s1", "s2"]
+    assert {"0", "1"} <= done_paths(handle.id) and "2" not in done_paths(handle.id)
+
+
+def test_a_step_retried_in_a_chain_goes_through_the_broker_and_the_operation_goes_on(
+    stub_broker, enqueues, stub_worker
+):
+    # Given a sequence whose third step hits a database blip once
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=["", "", "blip", "", ""])
+    drain(stub_broker)
+
+    # Then its retry was sent through the broker and started a chain of its own, and each step ran once
+    # but the retried one
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert set(enqueues.sent) == {"s0", "s2"}  # the retry passes through the delay queue: two enqueues
+    assert labels() == ["s0", "s1", "s2", "s2", "s3", "s4"]
+    assert {"0", "1", "2", "3", "4"} <= done_paths(handle.id)  # s1 too, recorded when the first chain stopped
