@@ -6,13 +6,19 @@ an operation's cost when the steps are short. A chained step is run only when it
 predecessor's completion starts, goes to the same queue, has no delay, and the chain is still within its
 time budget (``JOBS_STEP_CHAIN_S``); anything else is sent as before.
 
+Each chained step's completion is recorded as it ends, in a transaction of its own, as a delivered step's
+is: that record, under the operation's row lock, is also the next step's check (the operation still runs,
+the step not yet done), so a chained step needs no read before it. Recording the chain's steps together
+at its end would save transactions, but a crash would then run again steps whose successors had already
+acted (delete a volume, then try to delete it again), which no step can be expected to survive.
+
 The message that started the chain stays unacknowledged until the chain ends, so a worker killed in the
-middle has it delivered again, and the redelivery sends the first step the chain had not recorded
-(``progress.check_step`` follows recorded steps to it). The chain's completions are recorded together
-when it stops, in one transaction: a crash runs the unrecorded steps again, as a crash during a step
-always has (steps are at-least-once). Before each chained step the operation is still checked (a cancel
-stops the chain there), and every chained step goes through every middleware hook (time limit, throttle,
-retries, logs, metrics) as a delivered message would.
+middle has it delivered again, and its check sends the first step not recorded (``progress.check_step``
+follows recorded steps to it): as without chaining, a crash runs again at most the step it interrupted.
+Every chained step goes through every middleware hook (time limit, retries, logs, metrics) as a delivered
+message would. The throttle is not asked again for a step outside any group: the operation keeps the slot
+its first step was admitted with, held for the unacknowledged message (the slot of an operation whose next
+step is queued does not expire), and a cancel that releases it is caught by the record before the step.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -29,8 +34,8 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage
 
-from .plan import OPTION_OPERATION, advance
-from .progress import Progress, outgoing_of
+from .plan import OPTION_NODE, ancestors, node_at
+from .progress import Progress
 
 __all__ = ["StepChain", "process_here"]
 
@@ -67,25 +72,14 @@ class _ChainState(threading.local):
     current_id: str | None = None
     #: Set by a chained step's completion: the step to run after it.
     following: Message[Any] | None = None
-    operation_id: str = ""
+    #: The throttle grant of the step that started the chain (None: not throttled).
+    fence: int | None = None
+    #: The operation's plan, from the last record.
     plan: dict | None = None
-    #: The operation's nodes done as this chain knows them: recorded ones, and those of ``pending``.
-    done: set[str]
-    #: Chained steps that completed and are not recorded yet, in the order they ran.
-    pending: list[str]
-
-
-Record = Callable[[str, list[str]], object]
 
 
 class StepChain:
-    """Per worker thread: whether a completed step's successor runs here, and the loop that runs it.
-
-    A chained step's completion is not recorded at once: the chain goes on while each completion starts
-    exactly one step it may run, and the completions are recorded together, in one transaction, when it
-    stops (by whoever ends it: the last step's completion or failure, or ``record`` when a step is retried
-    or skipped). Until then the message that started the chain is unacknowledged, so a worker killed in the
-    middle has the chain run again from the first step not recorded."""
+    """Per worker thread: whether a completed step's successor runs here, and the loop that runs it."""
 
     def __init__(self, budget_s: float) -> None:
         #: How long one chain may run steps here (seconds); 0 sends every step through the broker.
@@ -113,37 +107,35 @@ class StepChain:
             return None
         return following.message
 
-    def defer(self, broker: dramatiq.Broker, message: Message[Any], path: str) -> Message[Any] | None:
-        """Chained step ``path`` completed: note it, and return the step to run next here, if there is one
-        (else the caller records ``take_pending()`` and sends what follows as usual). The chain's view of
-        what is done may be behind (another branch of a group finishing elsewhere): it only ever chooses
-        the next step of a sequence, and the record decides everything else."""
-        state = self._state
-        assert state.plan is not None
-        state.pending.append(path)
-        step = advance(state.plan["root"], state.done, path)
-        state.done.update(step.completed)
-        return self.successor(broker, message, Progress(outgoing_of(state.plan, step.start), ended=step.finished))
+    @property
+    def plan(self) -> dict | None:
+        """The plan of the operation this thread's chain runs, from its last record."""
+        return self._state.plan
 
-    def take_pending(self) -> list[str]:
-        """The chain's unrecorded completions, now the caller's to record."""
-        pending, self._state.pending = self._state.pending, []
-        return pending
+    @property
+    def fence(self) -> int | None:
+        """The throttle grant of the step that started this thread's chain (None: not throttled)."""
+        return self._state.fence
 
-    def run(self, broker: dramatiq.Broker, first: Message[Any], progress: Progress, record: Record) -> None:
-        """Run ``first`` here (its predecessor's recorded ``progress`` has the plan), then each step that a
-        chained step's completion passes back. Called from inside a chain, only notes the step: the
-        running loop takes it next. ``record(operation_id, paths)`` records completions left pending
-        when the chain stops at a step that did not complete (retried, skipped, or interrupted)."""
+    def keeps_slot(self, message: Message[Any]) -> bool:
+        """May chained step ``message`` run under the grant of the step that started the chain, without
+        asking the throttle? Yes when no other step of its operation can be running beside it (it is inside
+        no group); otherwise a worker running a sibling may be killed and the lease reaped meanwhile."""
+        plan = self._state.plan
+        if plan is None:
+            return False
+        return all(node_at(plan["root"], path)["kind"] != "par" for path in ancestors(message.options[OPTION_NODE]))
+
+    def run(self, broker: dramatiq.Broker, first: Message[Any], progress: Progress, *, fence: int | None) -> None:
+        """Run ``first`` here (``progress``, the record of the step before it, has the plan), then each step
+        that a chained step's completion passes back. Called from inside a chain, only notes the step: the
+        running loop takes it next."""
         state = self._state
+        state.plan = progress.plan
         if state.running:
             state.following = first
-            if progress.plan is not None:  # recorded just now: the database's view, fresher than the chain's
-                state.plan, state.done = progress.plan, set(progress.done)
             return
-        operation_id = first.options[OPTION_OPERATION]
-        state.running, state.started, state.operation_id = True, time.monotonic(), operation_id
-        state.plan, state.done, state.pending = progress.plan, set(progress.done), []
+        state.running, state.started, state.fence = True, time.monotonic(), fence
         following: Message[Any] | None = first
         try:
             while following is not None:
@@ -151,7 +143,4 @@ class StepChain:
                 process_here(broker, MessageProxy(following))
                 following = state.following
         finally:
-            pending = self.take_pending()
             state.running, state.current_id, state.following, state.plan = False, None, None, None
-            if pending:
-                record(operation_id, pending)

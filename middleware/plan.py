@@ -36,6 +36,7 @@ __all__ = [
     "advance",
     "ancestors",
     "message_of",
+    "next_in_sequence",
     "node_at",
     "start_paths",
     "step_paths",
@@ -268,6 +269,18 @@ class Advance:
     start: list[str]
     #: True when the root completed: the operation succeeded.
     finished: bool
+
+
+def next_in_sequence(root: Node, path: str) -> list[str] | None:
+    """The steps that follow step ``path`` when it is a step of a sequence with more after it, whose
+    completion then completes no other node (``advance`` agrees, whatever is done); else None. Pure."""
+    if not path:
+        return None
+    parent_path, index = _split(path)
+    parent = node_at(root, parent_path)
+    if parent["kind"] != "seq" or index + 1 >= len(parent["children"]):
+        return None
+    return start_paths(parent["children"][index + 1], _join(parent_path, index + 1))
 
 
 def advance(root: Node, done: set[str], path: str) -> Advance:

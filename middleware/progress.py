@@ -9,26 +9,26 @@ other's completions, and the last one to finish is the only one that moves on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dramatiq import Broker, Message
-from sqlalchemy import literal, select
+from sqlalchemy import insert, literal, select
 from sqlalchemy.orm import Session
 
 from resources.metrics import operation_ended
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.transitions import record_error
 
-from .plan import Advance, advance, message_of, start_paths
+from .plan import advance, message_of, start_paths
 
 __all__ = [
     "Outgoing",
     "Progress",
     "StepCheck",
     "check_step",
+    "complete_inner_step",
     "complete_step",
-    "complete_steps",
     "enqueue_all",
     "fail_operation",
     "first_steps",
@@ -70,9 +70,8 @@ class Progress:
 
     outgoing: list[Outgoing]
     ended: bool = False
-    #: The operation's plan and its nodes done, when a completion was recorded (a chain goes on from them).
+    #: The operation's plan, when a completion was recorded (a step chain goes on with it).
     plan: dict | None = None
-    done: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -155,40 +154,37 @@ def pending_after(root: dict, done: set[str], path: str) -> list[str]:
 
 def complete_step(session: Session, operation_id: str, path: str) -> Progress:
     """Record step ``path`` as done and return what to enqueue next (nothing for a duplicate)."""
-    return complete_steps(session, operation_id, [path])
-
-
-def complete_steps(session: Session, operation_id: str, paths: Sequence[str]) -> Progress:
-    """Record steps ``paths`` as done, in the order they ran (a chain's steps, see ``chain``), and return what
-    the last one leads to (nothing when it was recorded already)."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
         return Progress([])
     done = _done_paths(session, operation_id)
-    step = _record(session, operation, done, paths)
-    if step is None:
+    if path in done:
+        logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
         return Progress([])
+    step = advance(operation.plan["root"], done, path)
+    session.add_all(StepDone(operation_id=operation_id, path=p) for p in step.completed)
     if step.finished:
         operation.status = OperationStatus.SUCCEEDED
         operation.finished_at = utcnow()
         operation_ended(session, operation)
         logger.info("operation %s (%s) succeeded", operation_id, operation.executor)
-    return Progress(outgoing_of(operation.plan, step.start), ended=step.finished, plan=operation.plan, done=done)
+    return Progress(outgoing_of(operation.plan, step.start), ended=step.finished, plan=operation.plan)
 
 
-def _record(session: Session, operation: Operation, done: set[str], paths: Sequence[str]) -> Advance | None:
-    """Add ``paths`` (and the nodes their completion completes) to ``done`` and to the session; the last
-    path's advance, or None when the last one was done already."""
-    step = None
-    for path in paths:
-        if path in done:
-            logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation.id)
-            step = None
-            continue
-        step = advance(operation.plan["root"], done, path)
-        session.add_all(StepDone(operation_id=operation.id, path=p) for p in step.completed if p not in done)
-        done.update(step.completed)
-    return step
+def complete_inner_step(session: Session, operation_id: str, path: str) -> bool:
+    """Record step ``path``, a step of a sequence with more after it (``plan.next_in_sequence``), so that its
+    completion completes no other node: under the operation's row lock, one insert, no plan to read. For a
+    chained step (see ``chain``), whose predecessor's record showed it not done. False when the operation is
+    no longer running: nothing is recorded."""
+    running = session.scalar(
+        select(Operation.id)
+        .where(Operation.id == operation_id, Operation.status == OperationStatus.RUNNING)
+        .with_for_update()
+    )
+    if running is None:
+        return False
+    session.execute(insert(StepDone).values(operation_id=operation_id, path=path, done_at=utcnow()))
+    return True
 
 
 def fail_operation(
@@ -199,23 +195,20 @@ def fail_operation(
     error_traceback: str,
     *,
     status: str = OperationStatus.FAILED,
-    completed: Sequence[str] = (),
 ) -> Progress:
     """Fail (or cancel) the operation once: store the error on it and on every resource whose part did
     not finish, and return the failure callbacks to enqueue. A second call (another member of a group
-    failing, a duplicate delivery) finds the operation no longer running: nothing to do, not ended.
-    ``completed``: steps that ran before the failure and are not recorded yet (earlier steps of a chain)."""
+    failing, a duplicate delivery) finds the operation no longer running: nothing to do, not ended."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
         return Progress([])
-    done = _done_paths(session, operation_id)
-    _record(session, operation, done, completed)
     operation.status = status
     operation.finished_at = utcnow()
     operation.failed_step = step_name[:200]
     operation.error_message = error_message
     operation.error_traceback = error_traceback
     operation_ended(session, operation)
+    done = _done_paths(session, operation_id)
     callbacks: list[Outgoing] = []
     for party in operation.plan["parties"]:
         if party["path"] is not None and party["path"] in done:

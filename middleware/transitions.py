@@ -25,11 +25,20 @@ from resources.db import read_scope, session_scope
 from resources.models import OperationStatus
 
 from .chain import StepChain
-from .context import StepContext, set_step_context
+from .context import StepContext, current_step, set_step_context
 from .inflight import find_inflight
 from .outbox import deliver, stage
-from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE
-from .progress import Progress, StepCheck, check_step, complete_steps, enqueue_all, fail_operation
+from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE, next_in_sequence
+from .progress import (
+    Progress,
+    StepCheck,
+    check_step,
+    complete_inner_step,
+    complete_step,
+    enqueue_all,
+    fail_operation,
+    outgoing_of,
+)
 from .throttle import Throttle, find_throttle
 from .transient import Unavailable, retry_in_place
 
@@ -96,7 +105,8 @@ class OperationTransitions(Middleware):
         if not self._is_step(message):
             return
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
-        check = self._check(operation_id, path)  # a chained step too: a cancel stops the chain here
+        # A chained step's check was its predecessor's record, just committed (see middleware.chain).
+        check = StepCheck() if self.chain.is_chained(message) else self._check(operation_id, path)
         if check.skip is not None:
             logger.info("skipping %s: %s", message, check.skip)
             try:
@@ -104,7 +114,12 @@ class OperationTransitions(Middleware):
             except Exception as error:  # not sent: this message must come back to try again
                 raise Unavailable(f"could not send what follows step {path} of {operation_id}: {error}") from error
             raise SkipMessage(check.skip)
-        if self.throttle is not None:
+        if self.chain.is_chained(message) and self.chain.keeps_slot(message):
+            # Its operation holds the slot of the step that started the chain: that step's message, still
+            # unacknowledged, keeps it (a queued step's slot does not expire), and the check above stops
+            # the chain if a cancel released it.
+            set_step_context(dataclasses.replace(context, throttle_fence=self.chain.fence))
+        elif self.throttle is not None:
             fence = self.throttle.before_step(broker, message)
             set_step_context(dataclasses.replace(context, throttle_fence=fence))
 
@@ -140,6 +155,7 @@ class OperationTransitions(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
+        fence = current_step().throttle_fence
         set_step_context(None)
         if not self._is_step(message):
             if exception is not None and message.failed and message.options.get(OPTION_CALLBACK):
@@ -157,25 +173,16 @@ class OperationTransitions(Middleware):
         # unacknowledged meanwhile (a worker killed here has it delivered again, and the duplicate is harmless).
         what = f"step {path} of operation {operation_id}"
         if exception is not None:
-            completed = self.chain.take_pending() if self.chain.is_chained(message) else []
             outbox_id = retry_in_place(
-                lambda: self._record_failure(message, operation_id, exception, completed), f"failing {what}"
+                lambda: self._record_failure(message, operation_id, exception), f"failing {what}"
             )
             deliver(broker, outbox_id, operation_id)
             forget_sent(broker, operation_id)
             return
-        if self.chain.is_chained(message):
-            successor = self.chain.defer(broker, message, path)
-            if successor is not None:
-                self.chain.run(broker, successor, Progress([]), self._record_completions)
-                return
-            paths = self.chain.take_pending()
-        else:
-            paths = [path]
-        progress = retry_in_place(lambda: self._record_success(operation_id, paths), f"recording {what}")
+        progress = retry_in_place(lambda: self._record_success(message, operation_id, path), f"recording {what}")
         successor = self.chain.successor(broker, message, progress)
         if successor is not None:
-            self.chain.run(broker, successor, progress, self._record_completions)
+            self.chain.run(broker, successor, progress, fence=fence)
             return
         # Sent after the commit and before this step's message is acknowledged: a worker killed in between
         # leaves this message to be delivered again, and its check sends what follows then. No outbox row,
@@ -191,19 +198,19 @@ class OperationTransitions(Middleware):
             )
             retry_in_place(lambda: self._stage(operation_id, progress), f"keeping what follows {what} for the relay")
 
-    def _record_success(self, operation_id: str, paths: list[str]) -> Progress:
+    def _record_success(self, message: Message[Any], operation_id: str, path: str) -> Progress:
+        plan = self.chain.plan if self.chain.is_chained(message) else None
+        following = next_in_sequence(plan["root"], path) if plan is not None else None
         with self.sessions() as session:
-            return complete_steps(session, operation_id, paths)
+            if following is None:
+                return complete_step(session, operation_id, path)
+            # A chained step in the middle of a sequence: what follows is known from the plan, and the record
+            # is one insert under the row lock (the short write is what matters on SQLite: one writer at a time).
+            if not complete_inner_step(session, operation_id, path):
+                return Progress([])
+            return Progress(outgoing_of(plan, following), plan=plan)
 
-    def _record_completions(self, operation_id: str, paths: list[str]) -> None:
-        """A chain stopped at a step that did not complete (it is retried, or was skipped): record the steps
-        that did. What the last of them leads to is that very step, already taken care of."""
-        what = f"steps {', '.join(paths)} of operation {operation_id}"
-        retry_in_place(lambda: self._record_success(operation_id, paths), f"recording {what}")
-
-    def _record_failure(
-        self, message: Message[Any], operation_id: str, exception: BaseException, completed: list[str]
-    ) -> str | None:
+    def _record_failure(self, message: Message[Any], operation_id: str, exception: BaseException) -> str | None:
         """Fail the operation and stage its failure callbacks and the slot's release in the outbox, in one
         transaction (they must run even if this worker dies now); returns the outbox row to deliver."""
         with self.sessions() as session:
@@ -214,7 +221,6 @@ class OperationTransitions(Middleware):
                 message.actor_name,
                 describe_error(exception),
                 error_traceback,
-                completed=completed,
             )
             return stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
 

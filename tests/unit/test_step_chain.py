@@ -1,10 +1,11 @@
-"""Step chaining: a worker runs an operation's next step itself, records the chain's steps together, and a
-crash, a cancel, a failure or a retry in the middle of a chain loses nothing and runs nothing twice that
-was recorded."""
+"""Step chaining: a worker runs an operation's next step itself, records each step as it completes, and a
+crash, a cancel, a failure or a retry in the middle of a chain loses nothing and runs no recorded step
+again."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
@@ -17,17 +18,22 @@ from sqlalchemy import select
 from jobs import queues
 from jobs.executors import BaseExecutor
 from jobs.executors.base import Signature
-from middleware import current_step, end_operation
+from jobs.executors.throttling import provisioning_scope
+from middleware import ThrottleScope, current_step, end_operation, find_throttle
 from middleware.plan import OPTION_NODE
-from middleware.progress import complete_steps, pending_after
+from middleware.progress import complete_step, pending_after
 from middleware.transient import retry_transient
 from resources.db import session_scope
 from resources.models import OperationStatus, Resource, StepDone
 from tests.fixtures import drain, make_instance, make_tenant
 
 ran: list[tuple[str, str | None]] = []
+#: The throttle grant each step ran under, by label.
+fences: dict[str, int | None] = {}
 ran_lock = threading.Lock()
 blipped: set[str] = set()
+#: What the database had recorded of its operation when a "look" step ran.
+seen_done: list[set[str]] = []
 
 
 @dramatiq.actor(queue_name=queues.DEFAULT, retry_when=retry_transient, min_backoff=10, max_backoff=10)
@@ -35,11 +41,14 @@ def chain_probe(label: str, behaviour: str = "") -> None:
     """One step: notes that it ran (with the plan node it ran as), then does what ``behaviour`` says."""
     with ran_lock:
         ran.append((label, current_step().node))
+        fences[label] = current_step().throttle_fence
     if behaviour == "cancel":
         operation_id = current_step().operation_id or ""
         end_operation(dramatiq.get_broker(), operation_id, "chain_probe", "by a test", status=OperationStatus.CANCELLED)
     elif behaviour == "fail":
         raise ValueError(f"step {label} fails for good")
+    elif behaviour == "look":
+        seen_done.append(done_paths(current_step().operation_id or ""))
     elif behaviour == "blip" and label not in blipped:
         blipped.add(label)
         raise sql_errors.OperationalError("UPDATE ...", {}, Exception("database is locked"))
@@ -59,6 +68,27 @@ class SequenceExecutor(BaseExecutor):
         return messages
 
 
+class ThrottledExecutor(BaseExecutor):
+    """Three steps in sequence, or (``grouped``) a group of two sequences of two, holding a provisioning slot."""
+
+    options = frozenset({"grouped"})
+
+    @classmethod
+    def throttle_scopes(cls, instance: Resource, **kwargs: Any) -> Sequence[ThrottleScope]:
+        return [provisioning_scope(instance)]
+
+    @classmethod
+    def get_task_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
+        if kwargs.get("grouped"):
+            return dramatiq.group(
+                [
+                    [chain_probe.message("a0"), chain_probe.message("a1")],
+                    [chain_probe.message("b0"), chain_probe.message("b1")],
+                ]
+            )
+        return [chain_probe.message(f"s{i}") for i in range(3)]
+
+
 class CountEnqueues(Middleware):
     def __init__(self) -> None:
         self.sent: list[str] = []
@@ -71,7 +101,9 @@ class CountEnqueues(Middleware):
 @pytest.fixture
 def enqueues(stub_broker: Any) -> Any:
     ran.clear()
+    fences.clear()
     blipped.clear()
+    seen_done.clear()
     counter = CountEnqueues()
     stub_broker.add_middleware(counter)
     yield counter
@@ -102,6 +134,21 @@ def test_a_sequence_runs_as_one_delivery_with_every_step_recorded(stub_broker, e
     assert labels() == ["s0", "s1", "s2", "s3", "s4"]
     assert [node for _label, node in ran] == ["0", "1", "2", "3", "4"]
     assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
+
+
+def test_each_chained_step_is_recorded_before_the_next_one_runs(stub_broker, enqueues, stub_worker):
+    # Given a sequence whose fourth step looks at what is recorded
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=["", "", "", "look", ""])
+    drain(stub_broker)
+
+    # Then the three steps before it were recorded by then: a crash there runs none of them again (a
+    # volume deleted by one step and deleted again would fail the operation)
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0"]
+    assert len(seen_done) == 1 and {"0", "1", "2"} <= seen_done[0] and "3" not in seen_done[0]
 
 
 def test_without_chaining_every_step_goes_through_the_broker(stub_broker, unchained, enqueues, stub_worker):
@@ -140,16 +187,15 @@ def test_a_chain_stops_at_its_time_budget(stub_broker, enqueues, stub_worker, mo
 
 
 def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_record(stub_broker, enqueues, request):
-    # Given a five-step operation whose worker recorded step 0, then steps 1 and 2 as one chain, and was
+    # Given a five-step operation whose worker recorded step 0, then steps 1 and 2 that it chained, and was
     # killed during step 3, its first message unacknowledged (no worker has consumed anything yet)
     instance = make_instance(make_tenant(), volumes=0)
     handle = SequenceExecutor.execute(instance, behaviours=[""] * 5)
     first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
     stub_broker.queues[queues.DEFAULT].task_done()
-    with session_scope() as session:
-        complete_steps(session, handle.id, [first.options[OPTION_NODE]])
-    with session_scope() as session:
-        complete_steps(session, handle.id, ["1", "2"])
+    for path in (first.options[OPTION_NODE], "1", "2"):
+        with session_scope() as session:
+            complete_step(session, handle.id, path)
 
     # When the broker delivers that first message again
     request.getfixturevalue("stub_worker")
@@ -223,4 +269,47 @@ def test_a_step_retried_in_a_chain_goes_through_the_broker_and_the_operation_goe
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert set(enqueues.sent) == {"s0", "s2"}  # the retry passes through the delay queue: two enqueues
     assert labels() == ["s0", "s1", "s2", "s2", "s3", "s4"]
-    assert {"0", "1", "2", "3", "4"} <= done_paths(handle.id)  # s1 too, recorded when the first chain stopped
+    assert {"0", "1", "2", "3", "4"} <= done_paths(handle.id)
+
+
+@pytest.fixture
+def admissions(stub_broker: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The steps the throttle was asked to admit, by label."""
+    throttle = find_throttle(stub_broker)
+    assert throttle is not None
+    asked: list[str] = []
+    real = throttle.before_step
+
+    def before_step(broker: Any, message: Message[Any]) -> int | None:
+        asked.append(message.args[0])
+        return real(broker, message)
+
+    monkeypatch.setattr(throttle, "before_step", before_step)
+    return asked
+
+
+def test_chained_steps_of_a_sequence_run_under_the_grant_of_the_first(stub_broker, enqueues, admissions, stub_worker):
+    # Given a throttled operation of three steps in sequence
+    handle = ThrottledExecutor.execute(make_instance(make_tenant(), volumes=0))
+
+    # When it runs
+    drain(stub_broker)
+
+    # Then only its first step asked the throttle, and every step ran under that step's grant
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert admissions == ["s0"]
+    assert fences["s0"] is not None and fences == {"s0": fences["s0"], "s1": fences["s0"], "s2": fences["s0"]}
+
+
+def test_chained_steps_inside_a_group_ask_the_throttle(stub_broker, enqueues, admissions, stub_worker):
+    # Given a throttled operation whose two branches run side by side, each a sequence of two steps
+    handle = ThrottledExecutor.execute(make_instance(make_tenant(), volumes=0), grouped=True)
+
+    # When it runs
+    drain(stub_broker)
+
+    # Then each branch's second step was chained, and asked the throttle: a worker running the other branch
+    # may be killed and the operation's lease reaped meanwhile
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert sorted(enqueues.sent) == ["a0", "b0"]
+    assert sorted(admissions) == ["a0", "a1", "b0", "b1"]

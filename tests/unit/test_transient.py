@@ -108,7 +108,7 @@ def test_a_database_blip_before_a_step_retries_it_instead_of_running_it_unchecke
 def test_a_database_blip_while_recording_a_step_is_retried_in_place(stub_broker, stub_worker, cloud, monkeypatch):
     instance = make_instance(make_tenant(), volumes=0)
     monkeypatch.setattr(
-        middleware.transitions, "complete_steps", fail_first(1, database_blip, middleware.transitions.complete_steps)
+        middleware.transitions, "complete_step", fail_first(1, database_blip, middleware.transitions.complete_step)
     )
     handle = InstanceCreateExecutor.execute(instance)
     drain(stub_broker)
