@@ -84,6 +84,9 @@ class StepChain:
     def __init__(self, budget_s: float) -> None:
         #: How long one chain may run steps here (seconds); 0 sends every step through the broker.
         self.budget_s = budget_s
+        #: Set when the worker begins to shut down: running chains send their next step instead of running
+        #: it, so that a stop waits for the steps under way only.
+        self.stopping = threading.Event()
         self._state = _ChainState()
 
     def is_chained(self, message: Message[Any]) -> bool:
@@ -93,7 +96,7 @@ class StepChain:
 
     def successor(self, broker: dramatiq.Broker, message: Message[Any], progress: Progress) -> Message[Any] | None:
         """The step to run here after ``message`` completed with ``progress``, or None to send it."""
-        if self.budget_s <= 0 or progress.ended or len(progress.outgoing) != 1:
+        if self.budget_s <= 0 or self.stopping.is_set() or progress.ended or len(progress.outgoing) != 1:
             return None
         state = self._state
         if state.running and time.monotonic() - state.started >= self.budget_s:

@@ -130,6 +130,12 @@ class OperationTransitions(Middleware):
         except Exception as error:  # Dramatiq would log it and run the step unchecked
             raise Unavailable(f"could not check step {path} of operation {operation_id}: {error}") from error
 
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self.chain.stopping.clear()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self.chain.stopping.set()  # a stop waits for the steps under way, not for whole chains
+
     def after_skip_message(self, broker: dramatiq.Broker, message: Message[Any]) -> None:
         set_step_context(None)
 

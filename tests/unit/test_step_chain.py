@@ -19,7 +19,7 @@ from jobs import queues
 from jobs.executors import BaseExecutor
 from jobs.executors.base import Signature
 from jobs.executors.throttling import provisioning_scope
-from middleware import ThrottleScope, current_step, end_operation, find_throttle
+from middleware import OperationTransitions, ThrottleScope, current_step, end_operation, find_throttle
 from middleware.plan import OPTION_NODE
 from middleware.progress import complete_step, pending_after
 from middleware.transient import retry_transient
@@ -174,7 +174,7 @@ def test_a_step_for_another_queue_is_sent_to_it(stub_broker, enqueues, stub_work
 
 def test_a_chain_stops_at_its_time_budget(stub_broker, enqueues, stub_worker, monkeypatch):
     # Given a chain budget already spent when the first chained step ends
-    transitions = next(m for m in stub_broker.middleware if m.__class__.__name__ == "OperationTransitions")
+    transitions = next(m for m in stub_broker.middleware if isinstance(m, OperationTransitions))
     monkeypatch.setattr(transitions.chain, "budget_s", 1e-9)
 
     # When a four-step sequence runs
@@ -313,3 +313,20 @@ def test_chained_steps_inside_a_group_ask_the_throttle(stub_broker, enqueues, ad
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert sorted(enqueues.sent) == ["a0", "b0"]
     assert sorted(admissions) == ["a0", "a1", "b0", "b1"]
+
+
+def test_a_worker_shutting_down_sends_the_next_step_instead_of_running_it(stub_broker, enqueues, stub_worker):
+    # Given a worker that has begun to shut down
+    instance = make_instance(make_tenant(), volumes=0)
+    transitions = next(m for m in stub_broker.middleware if isinstance(m, OperationTransitions))
+    transitions.before_worker_shutdown(stub_broker, stub_worker)
+    try:
+        # When a sequence runs
+        handle = SequenceExecutor.execute(instance, behaviours=[""] * 3)
+        drain(stub_broker)
+    finally:
+        transitions.after_worker_boot(stub_broker, stub_worker)
+
+    # Then no step was chained: a stop waits for the steps under way, not for whole chains
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0", "s1", "s2"]
