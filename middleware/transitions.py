@@ -116,8 +116,8 @@ class OperationTransitions(Middleware):
             raise SkipMessage(check.skip)
         if self.chain.is_chained(message) and self.chain.keeps_slot(message):
             # Its operation holds the slot of the step that started the chain: that step's message, still
-            # unacknowledged, keeps it (a queued step's slot does not expire), and the check above stops
-            # the chain if a cancel released it.
+            # unacknowledged, keeps it (a queued step's slot does not expire), and the record of the step
+            # before this one stopped the chain if a cancel released it.
             set_step_context(dataclasses.replace(context, throttle_fence=self.chain.fence))
         elif self.throttle is not None:
             fence = self.throttle.before_step(broker, message)
@@ -222,11 +222,7 @@ class OperationTransitions(Middleware):
         with self.sessions() as session:
             error_traceback = "".join(traceback.format_exception(exception))
             progress = fail_operation(
-                session,
-                operation_id,
-                message.actor_name,
-                describe_error(exception),
-                error_traceback,
+                session, operation_id, message.actor_name, describe_error(exception), error_traceback
             )
             return stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
 
