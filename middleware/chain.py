@@ -102,7 +102,7 @@ class StepChain:
         if state.running and time.monotonic() - state.started >= self.budget_s:
             return None
         following = progress.outgoing[0]
-        if following.delay or following.message.options.get("delay"):
+        if following.delay:  # the plan's delay of the step, or a countdown: the broker keeps it meanwhile
             return None
         if q_name(following.message.queue_name) != q_name(message.queue_name):
             return None  # another queue: its own workers (heavy ones, say) must run it

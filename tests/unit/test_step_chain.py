@@ -58,13 +58,16 @@ class SequenceExecutor(BaseExecutor):
     """Steps in sequence, one per entry of ``behaviours``; the last may go to ``last_queue``."""
 
     required_options = frozenset({"behaviours"})
-    options = frozenset({"last_queue"})
+    options = frozenset({"last_queue", "last_delay_ms"})
 
     @classmethod
     def get_task_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
         messages = [chain_probe.message(f"s{i}", b) for i, b in enumerate(kwargs["behaviours"])]
         if kwargs.get("last_queue"):
             messages[-1] = messages[-1].copy(queue_name=kwargs["last_queue"])
+        if kwargs.get("last_delay_ms"):
+            last = len(messages) - 1
+            messages[-1] = chain_probe.message_with_options(args=(f"s{last}",), delay=kwargs["last_delay_ms"])
         return messages
 
 
@@ -170,6 +173,19 @@ def test_a_step_for_another_queue_is_sent_to_it(stub_broker, enqueues, stub_work
     # Then that step went through the broker, to its queue's workers
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert enqueues.sent == ["s0", "s2"]
+
+
+def test_a_step_with_a_delay_is_sent_to_wait_in_the_broker(stub_broker, enqueues, stub_worker):
+    # Given a sequence whose last step is to start 50 ms after the one before it
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=[""] * 3, last_delay_ms=50)
+    drain(stub_broker)
+
+    # Then that step was sent (the stub broker moves a delayed message from its delay queue: two enqueues)
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent[:2] == ["s0", "s2"] and "s1" not in enqueues.sent
 
 
 def test_a_chain_stops_at_its_time_budget(stub_broker, enqueues, stub_worker, monkeypatch):
