@@ -29,6 +29,13 @@ def on_rabbitmq() -> bool:
 #: For tests of the Redis broker itself (its maintenance, its ack sets, its dead-letter layout).
 redis_broker_only = pytest.mark.skipif(on_rabbitmq(), reason="tests the Redis broker; BROKER_URL selects RabbitMQ")
 
+#: For tests that run commands as a new user does, with REDIS_URL and DATABASE_URL removed from their
+#: environment whatever this run's are: with either set, they would repeat what the run without them does.
+new_user_only = pytest.mark.skipif(
+    bool(os.environ.get("REDIS_URL") or os.environ.get("DATABASE_URL")),
+    reason="runs as a new user (no REDIS_URL, no DATABASE_URL); the run with neither set covers it",
+)
+
 
 @pytest.fixture(autouse=True)
 def empty_rabbitmq_queues() -> Iterator[None]:

@@ -11,7 +11,9 @@ import tempfile
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from tests.integration.conftest import new_user_only
+
+pytestmark = [pytest.mark.integration, new_user_only]
 
 
 def _processes_mentioning(text: str) -> list[str]:

@@ -18,7 +18,9 @@ from typing import TypeVar
 import psutil
 import pytest
 
-pytestmark = pytest.mark.integration
+from tests.integration.conftest import new_user_only
+
+pytestmark = [pytest.mark.integration, new_user_only]
 
 T = TypeVar("T")
 PROJECT = Path(__file__).resolve().parents[2]
