@@ -12,6 +12,10 @@ import shutil
 import tempfile
 import uuid
 
+#: Whether this run was given servers (REDIS_URL or DATABASE_URL) rather than run as a new user; read before
+#: the defaults below and the embedded Redis fill them in.
+GIVEN_SERVERS = bool(os.environ.get("REDIS_URL") or os.environ.get("DATABASE_URL"))
+
 # Configure before any project module is imported: actors bind to the broker current at import.
 os.environ["JOBS_BROKER"] = "stub"
 os.environ["JOBS_NAMESPACE"] = f"jobs-test-{uuid.uuid4().hex[:8]}"

@@ -13,6 +13,7 @@ import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from jobs import queues
+from tests.conftest import GIVEN_SERVERS
 
 
 def queued_messages(broker: dramatiq.Broker, queue_name: str) -> int:
@@ -32,7 +33,7 @@ redis_broker_only = pytest.mark.skipif(on_rabbitmq(), reason="tests the Redis br
 #: For tests that run commands as a new user does, with REDIS_URL and DATABASE_URL removed from their
 #: environment whatever this run's are: with either set, they would repeat what the run without them does.
 new_user_only = pytest.mark.skipif(
-    bool(os.environ.get("REDIS_URL") or os.environ.get("DATABASE_URL")),
+    GIVEN_SERVERS,
     reason="runs as a new user (no REDIS_URL, no DATABASE_URL); the run with neither set covers it",
 )
 
