@@ -46,13 +46,11 @@ def process_here(broker: dramatiq.Broker, message: MessageProxy) -> None:
     """Run ``message`` in this thread as a Dramatiq worker thread runs a delivered one: every middleware
     hook before and after, the outcome (result, error, skip) handed to the after-hooks. Nothing is
     acknowledged: the message never was in the broker."""
-    actor = None
     try:
         broker.emit_before("process_message", message)
         result = None
         if not message.failed:
-            actor = broker.get_actor(message.actor_name)
-            result = actor(*message.args, **message.kwargs)
+            result = broker.get_actor(message.actor_name)(*message.args, **message.kwargs)
         broker.emit_after("process_message", message, result=result)
     except SkipMessage:
         broker.emit_after("skip_message", message)
