@@ -23,6 +23,7 @@ step is queued does not expire), and a cancel that releases it is caught by the 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -45,7 +46,15 @@ logger = logging.getLogger(__name__)
 def process_here(broker: dramatiq.Broker, message: MessageProxy) -> None:
     """Run ``message`` in this thread as a Dramatiq worker thread runs a delivered one: every middleware
     hook before and after, the outcome (result, error, skip) handed to the after-hooks. Nothing is
-    acknowledged: the message never was in the broker."""
+    acknowledged: the message never was in the broker.
+
+    It runs in a copy of the caller's context: what its hooks set in ContextVars (log fields, the current
+    message, the step context) ends with it, and the after-hooks of the delivered message that started the
+    chain, which run once the chain ends, still see that message's own."""
+    contextvars.copy_context().run(_process, broker, message)
+
+
+def _process(broker: dramatiq.Broker, message: MessageProxy) -> None:
     try:
         broker.emit_before("process_message", message)
         result = None

@@ -24,6 +24,7 @@ from middleware.plan import OPTION_NODE
 from middleware.progress import complete_step, pending_after
 from middleware.transient import retry_transient
 from resources.db import session_scope
+from resources.logs import current_log_fields
 from resources.models import OperationStatus, Resource, StepDone
 from tests.fixtures import drain, make_instance, make_tenant
 
@@ -152,6 +153,37 @@ def test_each_chained_step_is_recorded_before_the_next_one_runs(stub_broker, enq
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert enqueues.sent == ["s0"]
     assert len(seen_done) == 1 and {"0", "1", "2"} <= seen_done[0] and "3" not in seen_done[0]
+
+
+class SeeLogFields(Middleware):
+    """Notes, in its after-hook, the message id of the log fields each chain_probe message's lines carry.
+    Added before OperationTransitions, so that hook runs after the one that runs a chain."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def after_process_message(self, broker: Any, message: Message[Any], **_outcome: Any) -> None:
+        if message.actor_name == chain_probe.actor_name:
+            self.seen.append((message.message_id, current_log_fields().message_id))
+
+
+def test_after_a_chain_the_delivered_messages_hooks_log_with_its_own_fields(stub_broker, enqueues, stub_worker):
+    # Given a middleware whose after-hook runs after the one that runs a chain
+    see = SeeLogFields()
+    stub_broker.add_middleware(see, before=OperationTransitions)
+    try:
+        # When a three-step sequence runs as one delivery
+        handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=[""] * 3)
+        drain(stub_broker)
+    finally:
+        stub_broker.middleware.remove(see)
+
+    # Then every step's after-hooks logged with that step's fields, the delivered one's too once the chain
+    # it started had ended (the chained steps' hooks had cleared the thread's fields)
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0"]
+    assert len(see.seen) == 3
+    assert all(own == logged for own, logged in see.seen)
 
 
 def test_without_chaining_every_step_goes_through_the_broker(stub_broker, unchained, enqueues, stub_worker):
