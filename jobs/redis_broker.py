@@ -211,8 +211,7 @@ class JobsRedisConsumer(_RedisConsumer):
 
     @property
     def bodies_key(self) -> str:
-        """The queue's hash of message id → body."""
-        return f"{self.broker.namespace}:{self.queue_name}.msgs"
+        return self.broker.bodies_key(self.queue_name)
 
     def __next__(self) -> MessageProxy | None:
         try:
@@ -446,6 +445,15 @@ class JobsRedisBroker(RedisBroker):
     def held(self, queue_name: str) -> set[str]:
         with self._held_lock:
             return set(self._held.get(queue_name, ()))
+
+    def bodies_key(self, queue_name: str) -> str:
+        """The queue's hash of message id → body (see dispatch.lua): every copy not yet acknowledged."""
+        return f"{self.namespace}:{queue_name}.msgs"
+
+    def stores(self, queue_name: str, redis_message_id: str) -> bool:
+        """Is this copy anywhere in the broker: queued or delayed on ``queue_name``, or fetched by a worker
+        and not yet acknowledged? (Dramatiq keeps each copy's body until its ack or nack.)"""
+        return bool(self.client.hexists(self.bodies_key(queue_name), redis_message_id))
 
     def maintenance_queues(self) -> list[str]:
         """Every declared queue and delay queue: maintenance works one queue at a time."""

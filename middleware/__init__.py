@@ -2,7 +2,7 @@
 
 from .context import StepContext, current_step, step_context
 from .dedup import Deduplicate, DuplicateJob, find_deduplicate
-from .inflight import InFlight, find_inflight
+from .inflight import Copy, InFlight, find_inflight
 from .log_context import LogContext
 from .outbox import OutboxRelay
 from .periodic import OPTION_TICK, PeriodicTicks
@@ -14,6 +14,7 @@ from .transitions import OperationTransitions, end_operation, enqueue_all
 __all__ = [
     "OPTION_TICK",
     "Composable",
+    "Copy",
     "Deduplicate",
     "DuplicateJob",
     "InFlight",

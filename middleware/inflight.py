@@ -5,14 +5,17 @@ broker) from one that merely waits in a backlog or a delay. Asking the broker me
 queue, and differs per broker; instead each copy of an operation's message is added to a Redis set when
 it is enqueued and removed when it is acknowledged or rejected.
 
-A copy is named by message id and queue. Dramatiq enqueues the successor copy before it acknowledges the
-one it replaces (a delayed message moving from ``<queue>.DQ`` to its queue, a retry of a failed attempt,
-a step's followers), so the set is never empty while the operation has a message anywhere. A copy held
-by a worker that died stays in the set: the broker delivers it again.
+A copy is named by message id and queue, and on the Redis broker by the id its body is stored under
+(``redis_message_id``), so the janitor can ask whether it is really there (see ``Copy``). Dramatiq enqueues
+the successor copy before it acknowledges the one it replaces (a delayed message moving from ``<queue>.DQ``
+to its queue, a retry of a failed attempt, a step's followers), so the set is never empty while the
+operation has a message anywhere. A copy held by a worker that died stays in the set: the broker delivers
+it again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -25,14 +28,43 @@ from resources.config import get_settings
 from .plan import OPTION_OPERATION
 from .redis_state import LazyRedis
 
-__all__ = ["InFlight", "find_inflight"]
+__all__ = ["Copy", "InFlight", "find_inflight"]
 
 #: Longer than the longest delay Dramatiq allows (7 days): a set outlives every copy it names.
 SET_TTL_S = 8 * 24 * 3600
 
 
+#: Dramatiq's Redis broker stores each enqueued copy's body under an id of its own, in this option.
+REDIS_ID_OPTION = "redis_message_id"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One copy of an operation's message, as its in-flight set names it: ``message_id@queue[#broker_id]``."""
+
+    message_id: str
+    queue_name: str
+    #: The id the Redis broker stores the copy's body under; None on other brokers (RabbitMQ).
+    broker_id: str | None = None
+
+    @classmethod
+    def of(cls, message: Message[Any]) -> Copy:
+        return cls(message.message_id, message.queue_name, message.options.get(REDIS_ID_OPTION) or None)
+
+    @classmethod
+    def parse(cls, name: str) -> Copy:
+        rest, _, broker_id = name.partition("#")
+        message_id, _, queue_name = rest.partition("@")
+        return cls(message_id, queue_name, broker_id or None)
+
+    @property
+    def name(self) -> str:
+        base = f"{self.message_id}@{self.queue_name}"
+        return f"{base}#{self.broker_id}" if self.broker_id else base
+
+
 def _copy_name(message: Message[Any]) -> str:
-    return f"{message.message_id}@{message.queue_name}"
+    return Copy.of(message).name
 
 
 class InFlight(LazyRedis, Middleware):
@@ -68,7 +100,8 @@ class InFlight(LazyRedis, Middleware):
         self._forget(message)
 
     def copies(self, operation_id: str) -> set[str]:
-        """The operation's messages that exist now, as ``message_id@queue``."""
+        """The operation's messages that exist now, by name (``Copy.parse`` reads one). A name is added
+        before its send, so it may stand for a copy the broker never got (the sender killed in between)."""
         return set(self.client.smembers(self._key(operation_id)))
 
     # The names above are added before the send, so a name may stand for a copy that never reached the

@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 import dramatiq
 from sqlalchemy import func, select
 
-from middleware import fail_operation, find_inflight, find_throttle
+from jobs.redis_broker import JobsRedisBroker
+from middleware import Copy, InFlight, fail_operation, find_inflight, find_throttle
 from middleware.outbox import deliver, stage
 from resources.config import get_settings
 from resources.db import read_scope, session_scope
@@ -84,10 +85,26 @@ def is_alive(broker: dramatiq.Broker, operation_id: str | None) -> bool:
         if session.scalar(select(OutboxMessage.id).where(OutboxMessage.operation_id == operation_id).limit(1)):
             return True
     inflight = find_inflight(broker)
-    if inflight is not None and inflight.copies(operation_id):
+    if inflight is not None and _has_a_copy(broker, inflight, operation_id):
         return True
     throttle = find_throttle(broker)
     return throttle is not None and throttle.enabled and throttle.store.state_of(operation_id) in _PARKED
+
+
+def _has_a_copy(broker: dramatiq.Broker, inflight: InFlight, operation_id: str) -> bool:
+    """Does the broker hold a message of the operation? Its in-flight set names every copy, but a name is
+    added before the send: a sender killed in between leaves the name of a copy that never was, which would
+    keep a stuck resource "alive" until the set expires (8 days). The Redis broker can say where each copy
+    is; other brokers cannot be asked cheaply, and their names are taken as they are."""
+    names = inflight.copies(operation_id)
+    if not names or not isinstance(broker, JobsRedisBroker):
+        return bool(names)
+    for copy in map(Copy.parse, names):
+        if copy.broker_id is None or broker.stores(copy.queue_name, copy.broker_id):
+            return True
+    # None of them is there now. A copy that moves on (a retry, a delay ending, a step's successors) has its
+    # successor named before it is acknowledged: the names read again then differ.
+    return inflight.copies(operation_id) != names
 
 
 def rescue(broker: dramatiq.Broker, stuck: Stuck, now: datetime) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -18,6 +20,8 @@ from sqlalchemy import delete
 
 from jobs import queues
 from jobs.broker import broker as project_broker
+from jobs.broker import build_middleware
+from jobs.redis_broker import JobsRedisBroker
 from middleware import Deduplicate, OperationTransitions, Throttle
 from middleware.redis_state import LazyRedis
 from resources.backends import SimulatedCloud, SimulatedConfig
@@ -189,3 +193,25 @@ def make_instance(tenant: ServiceSettings, name: str = "vm", volumes: int = 2, u
                 Volume(name=f"{name}-vol{index}", size_gb=10, instance_id=instance.id, service_settings_id=tenant.id)
             )
     return instance
+
+
+@pytest.fixture
+def redis_broker(database) -> Iterator[JobsRedisBroker]:
+    """A Redis broker of this test's own, with the project's middleware, current while the test runs."""
+    broker = JobsRedisBroker(
+        url=os.environ["REDIS_URL"],
+        namespace=f"{os.environ['JOBS_NAMESPACE']}:dl-{uuid.uuid4().hex[:8]}",
+        middleware=build_middleware(),
+        maintenance_chance=0,
+    )
+    for name in ("default", "heavy"):
+        broker.declare_queue(name)
+    previous = dramatiq.get_broker()
+    dramatiq.set_broker(broker)
+    try:
+        yield broker
+    finally:
+        dramatiq.set_broker(previous)
+        keys = list(broker.client.scan_iter(f"{broker.namespace}:*", count=1000))
+        if keys:
+            broker.client.delete(*keys)

@@ -9,7 +9,9 @@ from dramatiq import Message
 from sqlalchemy import select, update
 
 from jobs.executors import InstanceCreateExecutor, InstanceUpdateExecutor
-from middleware import find_throttle
+from jobs.redis_broker import JobsRedisBroker
+from middleware import Copy, find_inflight, find_throttle
+from middleware.plan import OPTION_NODE, OPTION_OPERATION
 from resources.db import session_scope
 from resources.models import Instance, Operation, OperationStatus, utcnow
 from resources.states import TRANSITIONAL_STATES, State
@@ -183,3 +185,74 @@ def test_a_resource_whose_operation_moved_on_is_left_alone(stub_broker):
 def age(operation_id: str, by: timedelta) -> None:
     with session_scope() as session:
         session.execute(update(Operation).where(Operation.id == operation_id).values(created_at=utcnow() - by))
+
+
+# -- on the Redis broker, the janitor asks where each named copy is ------------------------------------------
+
+
+def step_of(operation_id: str) -> Message:
+    return Message(
+        "default", "backend_method", ("instance:abc", "update"), {}, {OPTION_OPERATION: operation_id, OPTION_NODE: "0"}
+    )
+
+
+def test_a_copy_named_but_never_sent_does_not_keep_a_stuck_resource_alive(redis_broker: JobsRedisBroker):
+    # Given a resource stuck for 4 hours whose operation's in-flight set names one copy, which the broker
+    # never got: its sender was killed between naming it (before the send) and sending it
+    instance = stuck_instance(State.UPDATING, operation_age=HOURS_AGO_4)
+    operation_id = load(instance).operation_id
+    inflight = find_inflight(redis_broker)
+    never_sent = step_of(operation_id).copy(options={"redis_message_id": "never-sent"})
+    inflight.before_enqueue(redis_broker, never_sent, None)
+    assert [Copy.parse(name) for name in inflight.copies(operation_id)] == [Copy.of(never_sent)]
+
+    # Then its operation is not alive, and the janitor rescues the resource (the name alone would have kept
+    # it stuck until the set expires, 8 days later)
+    assert not is_alive(redis_broker, operation_id)
+    assert [s.ref for s in sweep(redis_broker)] == [instance.ref]
+    assert load(instance).state == State.ERRED
+
+
+def test_a_copy_queued_delayed_or_held_by_a_worker_keeps_its_operation_alive(redis_broker: JobsRedisBroker):
+    # Given a stuck-looking resource whose operation has a message queued
+    instance = stuck_instance(State.UPDATING, operation_age=HOURS_AGO_4)
+    operation_id = load(instance).operation_id
+    queued = redis_broker.enqueue(step_of(operation_id))
+    assert Copy.parse(*find_inflight(redis_broker).copies(operation_id)).broker_id == queued.options["redis_message_id"]
+    assert is_alive(redis_broker, operation_id)
+
+    # ... then fetched by a worker and not yet acknowledged (a worker killed while running it)
+    assert redis_broker.do_fetch("default", 10)
+    assert is_alive(redis_broker, operation_id)
+
+    # ... then acknowledged after its retry was put in a delay
+    redis_broker.enqueue(step_of(operation_id), delay=60_000)
+    redis_broker.do_ack("default", queued.options["redis_message_id"])
+    find_inflight(redis_broker).after_ack(redis_broker, queued)
+    assert is_alive(redis_broker, operation_id)
+
+    # Then the janitor leaves it alone throughout
+    assert sweep(redis_broker) == []
+    assert load(instance).state == State.UPDATING
+
+
+def test_a_copy_moving_on_while_the_janitor_looks_keeps_its_operation_alive(redis_broker, monkeypatch):
+    # Given an operation whose one queued copy is acknowledged, its successor already named and sent, between
+    # the janitor's reading of the names and its asking the broker about them
+    instance = stuck_instance(State.UPDATING, operation_age=HOURS_AGO_4)
+    operation_id = load(instance).operation_id
+    first = redis_broker.enqueue(step_of(operation_id))
+    assert redis_broker.do_fetch("default", 10)
+    asked = redis_broker.stores
+
+    def moved_on_meanwhile(queue_name: str, redis_message_id: str) -> bool:
+        if redis_message_id == first.options["redis_message_id"]:
+            redis_broker.enqueue(step_of(operation_id), delay=60_000)
+            redis_broker.do_ack("default", redis_message_id)
+            find_inflight(redis_broker).after_ack(redis_broker, first)
+        return asked(queue_name, redis_message_id)
+
+    monkeypatch.setattr(redis_broker, "stores", moved_on_meanwhile)
+
+    # Then it is alive: the names, read again, have changed
+    assert is_alive(redis_broker, operation_id)

@@ -10,7 +10,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -21,7 +20,6 @@ from click.testing import CliRunner
 from dramatiq import Message
 
 import scheduler.app  # noqa: F401  (declares the periodic jobs on the project broker before any test swaps it)
-from jobs.broker import build_middleware
 from jobs.cli import main
 from jobs.dead_letters import Body, DeadLetters, QueueKeys, UnknownDeadLetters, UnknownQueue
 from jobs.executors import InstanceCreateExecutor
@@ -201,28 +199,6 @@ def test_explain_is_throttle_explain(stub_broker):
 QUEUE = "default"
 
 
-@pytest.fixture
-def redis_broker(database) -> Iterator[JobsRedisBroker]:
-    """A Redis broker of this test's own, with the project's middleware, current while the test runs."""
-    broker = JobsRedisBroker(
-        url=os.environ["REDIS_URL"],
-        namespace=f"{os.environ['JOBS_NAMESPACE']}:dl-{uuid.uuid4().hex[:8]}",
-        middleware=build_middleware(),
-        maintenance_chance=0,
-    )
-    for name in ("default", "heavy"):
-        broker.declare_queue(name)
-    previous = dramatiq.get_broker()
-    dramatiq.set_broker(broker)
-    try:
-        yield broker
-    finally:
-        dramatiq.set_broker(previous)
-        keys = list(broker.client.scan_iter(f"{broker.namespace}:*", count=1000))
-        if keys:
-            broker.client.delete(*keys)
-
-
 def _dead_letter(broker: JobsRedisBroker, message: Message[Any], queue: str = QUEUE) -> str:
     """What a worker does with a message that fails for good: fetch it, then nack it."""
     sent = broker.enqueue(message)
@@ -327,7 +303,7 @@ def test_requeue_moves_it_back_under_its_id_with_its_attempts_forgotten(redis_br
     # ... its retry count and traceback are gone, and the in-flight tracking knows it again
     body = json.loads(redis_broker.client.hget(keys.bodies, redis_id))
     assert "retries" not in body["options"] and "traceback" not in body["options"]
-    assert find_inflight(redis_broker).copies(operation_id) == {f"{body['message_id']}@{QUEUE}"}
+    assert find_inflight(redis_broker).copies(operation_id) == {f"{body['message_id']}@{QUEUE}#{redis_id}"}
     # ... and a consumer takes it as a good message
     consumer = redis_broker.consume(QUEUE)
     try:
