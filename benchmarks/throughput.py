@@ -117,15 +117,36 @@ class Options:
 
 @dataclass(frozen=True)
 class Run:
-    """One timed round: operations enqueued, seconds spent enqueueing, seconds until all had completed."""
+    """One timed round: operations enqueued, seconds spent enqueueing, seconds until all had completed, and
+    the CPU seconds the whole machine spent meanwhile (None where it cannot be read)."""
 
     operations: int
     enqueue_s: float
     total_s: float
+    cpu_s: float | None = None
 
     @property
     def ops_per_s(self) -> float:
         return self.operations / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def cpu_ms_per_op(self) -> float | None:
+        return None if self.cpu_s is None or not self.operations else self.cpu_s * 1000 / self.operations
+
+
+def machine_cpu_s() -> float | None:
+    """CPU seconds the machine has spent busy since it booted, over all its CPUs (Linux's /proc/stat); None
+    elsewhere. Machine-wide on purpose: an operation's cost is also in Redis, the database server and the
+    worker processes, and a round's difference of two readings counts all of it."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    idle = fields[3] + fields[4]  # idle and iowait; guest time is counted in user already
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -144,10 +165,21 @@ class VariantOutcome:
         value = percentile([run.ops_per_s for run in self.runs], 0.5)
         return None if value is None else round(value, 1)
 
+    def cpu_ms_per_op(self) -> float | None:
+        """The median round's machine-wide CPU milliseconds per operation, or None."""
+        from benchmarks.metrics import percentile
+
+        costs = [cost for run in self.runs if (cost := run.cpu_ms_per_op) is not None]
+        if self.error is not None or not costs:
+            return None
+        value = percentile(costs, 0.5)
+        return None if value is None else round(value, 2)
+
     def summary(self) -> dict[str, Any]:
         return {
             "ops_per_s": self.ops_per_s(),
             "runs_ops_per_s": [round(run.ops_per_s, 1) for run in self.runs],
+            "cpu_ms_per_op": self.cpu_ms_per_op(),
             "enqueue_s": [round(run.enqueue_s, 3) for run in self.runs],
             "total_s": [round(run.total_s, 3) for run in self.runs],
             "workers": self.workers,
@@ -178,6 +210,8 @@ def build_result(
         "celery_ops_per_s": rates["celery"],
         "ratio_vs_dramatiq": ratio(rates["executors"], rates["plain_dramatiq"]),
         "ratio_vs_celery": ratio(rates["executors"], rates["celery"]),
+        # Where a ratio comes from: what one operation costs the whole machine in CPU, per variant.
+        "cpu_ms_per_op": {name: outcome.cpu_ms_per_op() for name, outcome in outcomes.items()},
         "database": options.database,
         "database_url": database_url,
         "operations": options.operations,
@@ -562,6 +596,7 @@ def measure(variant: Variant, count: int, label: str, timeout_s: float) -> Run:
     client = get_redis()
     counter = variant.counter_key(label)
     prepared = variant.prepare(count)
+    cpu_before = machine_cpu_s()
     started = time.perf_counter()
     sent = variant.enqueue(prepared, counter)
     enqueued = time.perf_counter()
@@ -569,7 +604,10 @@ def measure(variant: Variant, count: int, label: str, timeout_s: float) -> Run:
     what = f"{count} operations of {label} completing within {timeout_s:.0f} s"
     wait_until(lambda: int(client.get(counter) or 0) >= count, variant=variant, deadline=deadline, what=what)
     wait_until(lambda: variant.finished(sent), variant=variant, deadline=deadline, what=what)
-    return Run(count, enqueued - started, time.perf_counter() - started)
+    total_s = time.perf_counter() - started
+    cpu_after = machine_cpu_s()
+    cpu_s = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return Run(count, enqueued - started, total_s, cpu_s)
 
 
 def run_variant(environment: Environment, options: Options, name: str) -> tuple[VariantOutcome, dict[str, Any]]:
@@ -723,13 +761,14 @@ def render(result: dict[str, Any], out: Console) -> None:
         ),
         title_justify="left",
     )
-    for column in ("variant", "ops/s (median)", "rounds ops/s", "workers", "error"):
+    for column in ("variant", "ops/s (median)", "rounds ops/s", "CPU ms/op", "workers", "error"):
         table.add_column(column)
     for name, figures in result["variants"].items():
         table.add_row(
             name,
             str(figures["ops_per_s"]),
             ", ".join(map(str, figures["runs_ops_per_s"])),
+            str(figures["cpu_ms_per_op"]),
             figures["workers"],
             figures["error"] or "",
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import cProfile
 import json
 import pstats
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ from benchmarks.throughput import (
     VariantOutcome,
     build_result,
     celery_broker_url,
+    machine_cpu_s,
     parse_options,
     profile_summary,
     ratio,
@@ -39,8 +41,8 @@ REQUIRED_KEYS = {
 MACHINE = {"cpus": 2, "python": "3.11.0", "platform": "Linux", "load_average_at_start": 0.5, "redis": "embedded"}
 
 
-def _outcome(*seconds: float, operations: int = 300) -> VariantOutcome:
-    return VariantOutcome(workers="w", runs=[Run(operations, enqueue_s=0.1, total_s=s) for s in seconds])
+def _outcome(*seconds: float, operations: int = 300, cpu_s: float | None = None) -> VariantOutcome:
+    return VariantOutcome(workers="w", runs=[Run(operations, enqueue_s=0.1, total_s=s, cpu_s=cpu_s) for s in seconds])
 
 
 def test_defaults_are_two_processes_of_four_threads_and_300_operations_on_sqlite():
@@ -114,8 +116,8 @@ def test_the_json_object_from_fake_timings():
     options = Options(operations=300, processes=2, threads=4, database="postgresql", rounds=2)
     outcomes = {
         "plain_dramatiq": _outcome(1.0, 1.0),  # 300 ops/s
-        "executors": _outcome(4.0, 6.0),  # 75 and 50: median 62.5
-        "celery": _outcome(2.5, 2.5),  # 120 ops/s
+        "executors": _outcome(4.0, 6.0, cpu_s=9.0),  # 75 and 50: median 62.5; 30 CPU ms an operation
+        "celery": _outcome(2.5, 2.5),  # 120 ops/s; its CPU time could not be read
     }
 
     result = build_result(
@@ -136,6 +138,8 @@ def test_the_json_object_from_fake_timings():
     )
     assert result["machine"] == MACHINE
     assert result["variants"]["executors"]["runs_ops_per_s"] == [75.0, 50.0]
+    assert result["cpu_ms_per_op"] == {"plain_dramatiq": None, "executors": 30.0, "celery": None}
+    assert result["variants"]["executors"]["cpu_ms_per_op"] == 30.0
     assert result["duration_s"] == 12.3
     assert json.loads(json.dumps(result)) == result  # one JSON object, nothing that does not serialize
 
@@ -197,3 +201,15 @@ def test_the_profile_summary_counts_per_unit():
     assert busy["cumulative_ms_each"] > 0
     assert len(summary["all_by_own_time"]) <= 5
     json.dumps(summary)
+
+
+def test_the_machines_cpu_time_is_read_and_grows_with_work():
+    before = machine_cpu_s()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    # Busy until the machine has counted 50 ms more (its clock ticks are 10 ms), for 30 s at most
+    give_up = time.monotonic() + 30
+    now = before
+    while now is not None and now < before + 0.05 and time.monotonic() < give_up:
+        now = machine_cpu_s()
+    assert now is not None and now >= before + 0.05
