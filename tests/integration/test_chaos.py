@@ -1,6 +1,6 @@
 """Crash chaos: hundreds of real operations (create with volumes → resize → delete) on several throttled
-tenants, through three real worker processes of which one is SIGKILLed and restarted every few seconds,
-against a simulated cloud with latency and injected failures. A crash may delay an operation; it must
+tenants, through three real worker processes of which one is SIGKILLed and restarted every dozen or two
+operations ended, against a simulated cloud with latency and injected failures. A crash may delay an operation; it must
 not lose one, run a backend create twice, leave a resource in a transitional state, or leak a slot."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,14 +84,20 @@ class Chaos:
             name, queues=["default", "heavy"], threads=4, env=ENV, log_path=self.tmp_path / f"{name}.log"
         )
 
-    def start_killing(self, rng: random.Random) -> None:
-        """Every 1-2 s, SIGKILL a random worker and start a new one in its place, from a thread of its own:
-        the driver's pace (it starts a hundred operations at a time) must not space the crashes out."""
+    def start_killing(self, rng: random.Random, ended: Callable[[], int]) -> None:
+        """SIGKILL a random worker and start a new one in its place each time another 12-24 operations have
+        ended, from a thread of its own. Paced by progress, not by the clock, so that a fast machine sees
+        as many crashes as a slow one; and not by the driver, which starts a hundred operations at a time."""
         self._stop_killing = threading.Event()
 
         def monkey() -> None:
-            while not self._stop_killing.wait(rng.uniform(1, 2)):
-                self.kill_and_restart(rng.randrange(WORKERS))
+            last = ended()
+            stride = rng.randint(12, 24)
+            while not self._stop_killing.wait(0.1):  # the monkey's polling pace, not a synchronisation
+                now = ended()
+                if now - last >= stride:
+                    self.kill_and_restart(rng.randrange(WORKERS))
+                    last, stride = now, rng.randint(12, 24)
 
         self._monkey = threading.Thread(target=monkey, name="chaos-monkey", daemon=True)
         self._monkey.start()
@@ -203,6 +209,12 @@ def _in_transition() -> list[str]:
         ]
 
 
+def _ended_operations() -> int:
+    with session_scope() as session:
+        ended = select(func.count()).select_from(Operation).where(Operation.status != OperationStatus.RUNNING)
+        return session.scalar(ended) or 0
+
+
 def _outbox_rows() -> int:
     with session_scope() as session:
         return session.scalar(select(func.count()).select_from(OutboxMessage)) or 0
@@ -229,11 +241,11 @@ def test_no_operation_is_lost_or_stuck_while_workers_are_killed(chaos):
         lives.append(Lifecycle(instance, volume_uuid))
 
     # When every instance is created, resized and deleted, one operation after another, while a random
-    # worker is SIGKILLed and restarted every 1-2 s
+    # worker is SIGKILLed and restarted each time another 12-24 operations have ended
     for life in lives:
         life.handles.append(("create", InstanceCreateExecutor.execute(life.instance)))
     deadline = time.monotonic() + 400
-    chaos.start_killing(random.Random(SEED))
+    chaos.start_killing(random.Random(SEED), ended=_ended_operations)
     while not all(life.done for life in lives) and time.monotonic() < deadline:
         _advance(lives)
         time.sleep(0.1)  # the driver's polling pace, not a synchronisation
