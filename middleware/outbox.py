@@ -3,11 +3,13 @@ them and sent after it commits, so a commit is never left without its messages. 
 first steps (``execute``), a failure's callbacks and slot release, and a completed step's successors
 only when the broker refused them (see ``transitions``: otherwise a redelivery of the step covers a crash).
 
-``stage`` adds the messages to the caller's transaction; ``deliver`` (after the commit) sends one row
-and deletes it; ``relay`` sends rows a process left behind, killed between its commit and its send, or
-cut off from the broker. Each row is sent under its row lock and deleted in the same transaction, so
-two senders never both send it; a process killed after its send but before that delete commits leaves
-a row that is sent again, which the steps' idempotency makes harmless.
+``stage`` adds the messages to the caller's transaction. After the commit, ``send_committed`` (the
+committing process, which still has the messages) sends them with no second transaction and leaves the
+row's delete to a background batch; ``deliver`` sends a row under its row lock and deletes it in the
+same transaction. ``relay`` delivers rows a process left behind, killed between its commit and its send,
+or cut off from the broker. Every sender first takes the row's claim in Redis (``outbox_claims``), so
+two senders never both send it; a sender killed after its send but before it marks the row sent leaves a
+row that is sent again, which the steps' idempotency makes harmless.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from resources.metrics import outbox_relayed
 from resources.models import OutboxMessage, new_uuid, utcnow
 
 from .heartbeat import Heartbeat
+from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release
 from .progress import Outgoing, enqueue_all
+from .sent_rows import sent_rows
 from .throttle import ThrottleScope, find_throttle
 
-__all__ = ["OutboxRelay", "deliver", "pending", "relay", "stage"]
+__all__ = ["OutboxRelay", "deliver", "pending", "relay", "send_committed", "stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,43 +78,110 @@ def _message(fields: dict[str, Any]) -> Message[Any]:
     return Message(**{**fields, "args": tuple(fields["args"])})
 
 
-def _send(broker: dramatiq.Broker, row: OutboxMessage) -> None:
-    outgoing = _outgoing(row)
+def _send(
+    broker: dramatiq.Broker,
+    operation_id: str,
+    outgoing: Sequence[Outgoing],
+    throttle_scopes: Sequence[ThrottleScope],
+    release_throttle: bool,
+) -> None:
     throttle = find_throttle(broker)
-    if row.release_throttle and throttle is not None:
-        throttle.release(broker, row.operation_id)  # idempotent: a second release changes nothing
-    if row.throttle_scopes and throttle is not None:
-        scopes = [ThrottleScope(key, int(limit)) for key, limit in row.throttle_scopes]
-        throttle.submit(broker, row.operation_id, scopes, outgoing)
+    if release_throttle and throttle is not None:
+        throttle.release(broker, operation_id)  # idempotent: a second release changes nothing
+    if throttle_scopes and throttle is not None:
+        throttle.submit(broker, operation_id, list(throttle_scopes), list(outgoing))
     else:
         enqueue_all(broker, outgoing)
 
 
+def _send_row(broker: dramatiq.Broker, row: OutboxMessage) -> None:
+    scopes = [ThrottleScope(key, int(limit)) for key, limit in row.throttle_scopes or ()]
+    _send(broker, row.operation_id, _outgoing(row), scopes, row.release_throttle)
+
+
+def _not_sent_yet(row_id: str, operation_id: str, error: Exception) -> None:
+    logger.warning(
+        "outbox row %s (operation %s) not sent yet (%s: %s); the outbox relay sends it once the broker "
+        "and the database answer",
+        row_id,
+        operation_id,
+        type(error).__name__,
+        error,
+    )
+
+
+def send_committed(
+    broker: dramatiq.Broker,
+    row_id: str | None,
+    operation_id: str,
+    outgoing: Sequence[Outgoing],
+    *,
+    throttle_scopes: Sequence[ThrottleScope] = (),
+) -> bool:
+    """Send the messages of outbox row ``row_id``, just committed by this process with these messages and
+    scopes (what ``stage`` was given), without opening a transaction: claim the row, send, mark it sent,
+    and leave the row to be deleted in a batch. Returns False when nothing was sent here: the relay had
+    claimed the row (this process stalled past the grace period), or the send failed, which is logged,
+    not raised, and leaves the row to the relay."""
+    if row_id is None:
+        return False
+    token = new_token()
+    try:
+        if claim(row_id, token) is not Claim.TAKEN:
+            return False
+        try:
+            _send(broker, operation_id, outgoing, throttle_scopes, release_throttle=False)
+        except Exception:
+            release(row_id, token)
+            raise
+        mark_sent(row_id)
+    except Exception as error:
+        _not_sent_yet(row_id, operation_id, error)
+        return False
+    sent_rows.add(row_id)
+    return True
+
+
+def _deliver(broker: dramatiq.Broker, row_id: str) -> Claim | None:
+    """Send one row under its lock and delete it. What the row's claim came to (``Claim.TAKEN``: sent
+    here), or None when the row was gone or locked by another sender."""
+    with session_scope() as session:
+        row = session.scalars(
+            select(OutboxMessage).where(OutboxMessage.id == row_id).with_for_update(skip_locked=True)
+        ).one_or_none()
+        if row is None:
+            return None  # sent and deleted by another sender, or locked by one right now
+        token = new_token()
+        outcome = claim(row_id, token)
+        if outcome is Claim.TAKEN:
+            try:
+                _send_row(broker, row)
+            except Exception:
+                release(row_id, token)
+                raise
+            # Marked before the delete commits: a sender killed in between leaves a row the next one
+            # deletes unsent. The mark stays, for a committing process claiming late.
+            mark_sent(row_id)
+        if outcome is not Claim.BUSY:
+            session.delete(row)
+    if outcome is Claim.SENT:
+        try:
+            forget([row_id])
+        except Exception as error:  # harmless: the mark expires on its own
+            logger.info("could not drop the mark of deleted outbox row %s: %s", row_id, error)
+    return outcome
+
+
 def deliver(broker: dramatiq.Broker, row_id: str | None, operation_id: str = "?") -> bool:
-    """Send one outbox row and delete it. Returns False when there was nothing to send (another sender
-    had it) or the send failed; a failed row stays for the relay, and the error is logged, not raised:
-    the transaction that wrote it has committed and must stay committed."""
+    """Send one outbox row and delete it. Returns False when nothing was sent here (another sender had
+    it) or the send failed; a failed row stays for the relay, and the error is logged, not raised: the
+    transaction that wrote it has committed and must stay committed."""
     if row_id is None:
         return False
     try:
-        with session_scope() as session:
-            row = session.scalars(
-                select(OutboxMessage).where(OutboxMessage.id == row_id).with_for_update(skip_locked=True)
-            ).one_or_none()
-            if row is None:
-                return False  # sent and deleted by another sender, or locked by one right now
-            _send(broker, row)
-            session.delete(row)
-        return True
+        return _deliver(broker, row_id) is Claim.TAKEN
     except Exception as error:
-        logger.warning(
-            "outbox row %s (operation %s) not sent yet (%s: %s); the outbox relay sends it once the broker "
-            "and the database answer",
-            row_id,
-            operation_id,
-            type(error).__name__,
-            error,
-        )
+        _not_sent_yet(row_id, operation_id, error)
         return False
 
 
@@ -135,14 +206,23 @@ def relay(broker: dramatiq.Broker, *, older_than_s: float | None = None) -> int:
     while True:
         with read_scope() as session:
             ids = pending(session, older_than_s=grace)
-        delivered = sum(deliver(broker, row_id) for row_id in ids)
-        sent += delivered
-        if len(ids) < RELAY_BATCH or delivered == 0:
+        outcomes = [_relay_one(broker, row_id) for row_id in ids]
+        sent += outcomes.count(Claim.TAKEN)
+        cleared = sum(outcome in (Claim.TAKEN, Claim.SENT) for outcome in outcomes)
+        if len(ids) < RELAY_BATCH or cleared == 0:
             break
     outbox_relayed(sent)
     if sent:
         logger.warning("outbox relay sent %d message batch(es) their committing process had left unsent", sent)
     return sent
+
+
+def _relay_one(broker: dramatiq.Broker, row_id: str) -> Claim | None:
+    try:
+        return _deliver(broker, row_id)
+    except Exception as error:
+        _not_sent_yet(row_id, "?", error)
+        return None
 
 
 class OutboxRelay(Middleware):

@@ -24,6 +24,7 @@ from jobs.broker import build_middleware
 from jobs.redis_broker import JobsRedisBroker
 from middleware import Deduplicate, OperationTransitions, Throttle
 from middleware.redis_state import LazyRedis
+from middleware.sent_rows import sent_rows
 from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.config import get_settings
 from resources.db import create_schema, get_engine, session_scope
@@ -70,6 +71,7 @@ if isinstance(project_broker, StubBroker):
 
 
 def reset_database(url: str | None = None) -> None:
+    sent_rows.flush()  # the last test's sent outbox rows are deleted before its tables are emptied
     create_schema(url)
     engine = get_engine(url)
     with engine.begin() as connection:
@@ -149,13 +151,15 @@ def stub_worker(stub_broker: StubBroker) -> Iterator[Worker]:
 
 
 def drain(broker: StubBroker, timeout_s: float = 30.0) -> None:
-    """Wait until every queue (and delay queue) is empty and idle; messages hop between queues."""
+    """Wait until every queue (and delay queue) is empty and idle, messages hopping between queues, and the
+    outbox rows sent meanwhile are deleted."""
     deadline = time.monotonic() + timeout_s
     names = [*queues.ALL, *(f"{q}.DQ" for q in queues.ALL)]
     while True:
         for name in queues.ALL:
             broker.join(name, fail_fast=False, timeout=max(1, int((deadline - time.monotonic()) * 1000)))
         if all(broker.queues[n].unfinished_tasks == 0 for n in names):
+            assert sent_rows.flush(), "the outbox rows this process sent were not deleted"
             return
         if time.monotonic() > deadline:
             raise TimeoutError("queues did not drain")

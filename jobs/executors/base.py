@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
 from middleware import PlanBuilder, ThrottleScope, end_operation, first_steps
-from middleware.outbox import deliver, stage
+from middleware.outbox import send_committed, stage
 from middleware.plan import Node, check_json
 from middleware.throttle import scopes_of
 from resources.after_commit import on_commit
@@ -225,11 +225,15 @@ class BaseExecutor:
                 outgoing = first_steps(plan, countdown_ms if is_async else None)
                 # Written with the state change, sent after the commit; the relay sends it if this process
                 # dies in between or the broker is down.
-                outbox_id = (
-                    stage(session, operation_id, outgoing, throttle_scopes=scopes_of(plan)) if is_async else None
-                )
+                scopes = scopes_of(plan)
+                outbox_id = stage(session, operation_id, outgoing, throttle_scopes=scopes) if is_async else None
             if is_async:
-                on_commit(session, lambda: deliver(dramatiq.get_broker(), outbox_id, operation_id))
+                on_commit(
+                    session,
+                    lambda: send_committed(
+                        dramatiq.get_broker(), outbox_id, operation_id, outgoing, throttle_scopes=scopes
+                    ),
+                )
             else:
                 _run_in_transaction(session, operation_id, outgoing, commit_on_failure=own_session)
             if own_session:

@@ -146,7 +146,7 @@ _KILLED_AFTER_COMMIT = textwrap.dedent(
     from resources.db import session_scope
     from resources.models import Instance
 
-    base.deliver = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # dies between commit and send
+    base.send_committed = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # dies between commit and send
     with session_scope() as session:
         InstanceCreateExecutor.execute(session.get(Instance, int(sys.argv[1])))
     """

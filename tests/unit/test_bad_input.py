@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from jobs.actors import backend_method
 from jobs.executors import InstanceCreateExecutor, InstanceResizeExecutor, InstanceUpdateExecutor
 from jobs.executors.standard import UpdateExecutor
+from middleware.sent_rows import sent_rows
 from resources.db import session_scope
 from resources.errors import InvalidArgument, JobsError, TransitionNotAllowed
 from resources.models import Instance, Operation, OutboxMessage
@@ -39,6 +40,7 @@ def ok_instance(broker: Any) -> Instance:
     instance = make_instance(make_tenant(), volumes=0)
     InstanceCreateExecutor.execute(instance)
     drain(broker)
+    assert sent_rows.flush()  # its outbox row is deleted
     with session_scope() as session:
         loaded = session.get_one(Instance, instance.id)
         loaded.operation_id = None  # as if created long ago: "nothing written" then means no new operation

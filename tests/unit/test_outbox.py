@@ -14,17 +14,20 @@ import redis
 from dramatiq import Message
 from sqlalchemy import func, select, update
 
+import middleware.outbox_claims
 import middleware.transitions
 from jobs.executors import InstanceCreateExecutor
 from middleware import find_throttle
-from middleware.outbox import deliver, relay, stage
+from middleware.outbox import deliver, relay, send_committed, stage
+from middleware.outbox_claims import Claim, claim, new_token
 from middleware.progress import Outgoing
+from middleware.sent_rows import sent_rows
 from resources.backends import SimulatedConfig
 from resources.db import session_scope
 from resources.models import Instance, Operation, OperationStatus, OutboxMessage, utcnow
 from resources.states import State
 from scheduler.janitor import is_alive
-from tests.fixtures import drain, make_instance, make_tenant
+from tests.fixtures import drain, make_instance, make_tenant, wait_for
 
 
 def outbox_rows() -> int:
@@ -53,9 +56,13 @@ def test_execute_writes_its_messages_in_the_callers_transaction_and_sends_them_a
         # Then the messages are in the outbox, in that transaction, and not yet in the broker
         assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 1
         assert queued(stub_broker) == 0
-    # ... and after the commit they are in the broker and the row is gone
+    # ... and after the commit they are in the broker, the row is deleted (in a batch, from a thread of the
+    # process), and the relay does not send them again
     assert queued(stub_broker) == 1
+    assert sent_rows.flush()
     assert outbox_rows() == 0
+    assert relay(stub_broker, older_than_s=0) == 0
+    assert queued(stub_broker) == 1
 
 
 def test_a_rolled_back_execute_leaves_nothing_in_the_outbox_or_the_broker(stub_broker, cloud):
@@ -140,6 +147,91 @@ def test_each_row_is_sent_once_by_concurrent_relays_and_a_late_deliver(database)
     # Then every message was sent exactly once, and nothing is left
     assert broker.sent == Counter(range(60))
     assert not any(late)
+    assert outbox_rows() == 0
+
+
+def stage_rows(count: int) -> list[tuple[str, list[Outgoing]]]:
+    """``count`` committed rows, each with one message carrying its number, as ``execute`` leaves them."""
+    rows = []
+    with session_scope() as session:
+        for n in range(count):
+            outgoing = [Outgoing(Message("default", "x", (n,), {}, {}))]
+            row_id = stage(session, f"op-{n}", outgoing)
+            assert row_id is not None
+            rows.append((row_id, outgoing))
+    return rows
+
+
+def test_each_row_is_sent_once_by_committing_processes_racing_relays(database):
+    # Given 60 committed rows, each about to be sent by the process that committed it
+    rows = stage_rows(60)
+    broker = CountingBroker()
+
+    # When those processes send them while four relays run, each relay taking every row it finds
+    relays = [threading.Thread(target=relay, args=(broker,), kwargs={"older_than_s": 0}) for _ in range(4)]
+    committers = [
+        threading.Thread(target=send_committed, args=(broker, row_id, f"op-{n}", outgoing))
+        for n, (row_id, outgoing) in enumerate(rows)
+    ]
+    for thread in relays + committers:
+        thread.start()
+    for thread in relays + committers:
+        thread.join(timeout=60)
+
+    # Then every message was sent exactly once; and once a last relay and the batch deletes are done, nothing
+    # is left in the outbox, nor sent again
+    relay(broker, older_than_s=0)
+    assert sent_rows.flush()
+    assert broker.sent == Counter(range(60))
+    assert outbox_rows() == 0
+
+
+def test_a_committing_process_late_past_the_grace_period_finds_its_row_sent_by_the_relay(database):
+    # Given a row the relay sent, because its committing process stalled between its commit and its send
+    [(row_id, outgoing)] = stage_rows(1)
+    broker = CountingBroker()
+    assert relay(broker, older_than_s=0) == 1
+
+    # When that process goes on
+    assert send_committed(broker, row_id, "op-0", outgoing) is False
+
+    # Then it sends nothing more
+    assert broker.sent == Counter([0])
+
+
+def test_a_row_sent_by_a_process_killed_before_its_delete_is_deleted_unsent_by_the_relay(database, monkeypatch):
+    # Given a process that sent its row and marked it sent, and was killed before the batch delete
+    [(row_id, outgoing)] = stage_rows(1)
+    broker = CountingBroker()
+    monkeypatch.setattr(sent_rows, "add", lambda row_id: None)
+    assert send_committed(broker, row_id, "op-0", outgoing) is True
+    monkeypatch.undo()
+    assert outbox_rows() == 1
+
+    # When the relay finds the row
+    assert relay(broker, older_than_s=0) == 0
+
+    # Then it deleted the row without sending it again
+    assert outbox_rows() == 0
+    assert broker.sent == Counter([0])
+
+
+def test_a_row_claimed_by_a_process_killed_before_its_send_is_sent_by_the_relay_once_the_claim_lapses(
+    database, monkeypatch
+):
+    # Given a process that claimed its row, with a short claim, and was killed before sending it
+    monkeypatch.setattr(middleware.outbox_claims, "CLAIM_TTL_MS", 300)
+    [(row_id, _outgoing)] = stage_rows(1)
+    broker = CountingBroker()
+    assert claim(row_id, new_token()) is Claim.TAKEN
+
+    # When the relay runs while the claim holds, it leaves the row to its claimant
+    assert relay(broker, older_than_s=0) == 0
+    assert outbox_rows() == 1
+
+    # Then once the claim has lapsed, the relay sends the row, once
+    wait_for(lambda: relay(broker, older_than_s=0) == 1, timeout_s=10)
+    assert broker.sent == Counter([0])
     assert outbox_rows() == 0
 
 

@@ -1,0 +1,86 @@
+"""Who sends an outbox row: a claim in Redis, taken by whichever sender comes first.
+
+A row has two possible senders. Its committing process sends it straight after the commit, without a
+database transaction (``outbox.send_committed``); the relay, and ``deliver`` for rows staged outside
+``execute``, send it under the row's lock. Both take the row's claim first (``SET NX``), so one of them
+sends it; the winner then marks the row sent, and whoever finds a row marked sent deletes it unsent.
+
+A claim lapses after ``CLAIM_TTL_MS``: a sender killed between its claim and its mark leaves the row to
+the relay then, which sends it again (the steps' idempotency makes that harmless, as it does for a
+sender killed between its send and the delete of its row).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+
+import redis
+
+from resources.config import get_settings
+from resources.redis_client import get_redis
+
+__all__ = ["CLAIM_TTL_MS", "SENT_TTL_MS", "Claim", "claim", "forget", "mark_sent", "new_token", "release"]
+
+#: How long a claim keeps other senders off a row: far longer than a send takes.
+CLAIM_TTL_MS = 30_000
+#: How long a sent row's mark lasts: it must outlive the row (the sweeper deletes the row within a second
+#: or so, the relay a few seconds after a crash) and any late claim by a committing process that stalled
+#: past the relay's grace period. Deleted with the row when the committing process sent it.
+SENT_TTL_MS = 24 * 3600 * 1000
+
+_SENDING = "sending:"
+_SENT = "sent"
+# Delete a claim only if it is still the caller's: one that lapsed may have been taken by another sender.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class Claim(enum.Enum):
+    """What a sender's claim on a row came to."""
+
+    #: This sender has the row: send it, then mark it sent.
+    TAKEN = "taken"
+    #: Another sender is sending it now, or was killed doing so (the claim lapses): leave it.
+    BUSY = "busy"
+    #: It was sent: delete it unsent.
+    SENT = "sent"
+
+
+def _key(row_id: str) -> str:
+    return f"{get_settings().namespace}:outbox:{row_id}"
+
+
+def _client() -> redis.Redis:
+    return get_redis()
+
+
+def new_token() -> str:
+    """A sender's name for its claims."""
+    return uuid.uuid4().hex
+
+
+def claim(row_id: str, token: str) -> Claim:
+    """Try to become the row's one sender."""
+    client = _client()
+    if client.set(_key(row_id), _SENDING + token, nx=True, px=CLAIM_TTL_MS):
+        return Claim.TAKEN
+    return Claim.SENT if client.get(_key(row_id)) == _SENT else Claim.BUSY
+
+
+def release(row_id: str, token: str) -> None:
+    """Give up a claim whose send failed, so that the relay need not wait for it to lapse."""
+    _client().eval(_RELEASE, 1, _key(row_id), _SENDING + token)
+
+
+def mark_sent(row_id: str) -> None:
+    """The claimed row is in the broker: any later sender deletes it unsent."""
+    _client().set(_key(row_id), _SENT, px=SENT_TTL_MS)
+
+
+def forget(row_ids: list[str]) -> None:
+    """Drop the marks of rows that are deleted, and that no late sender can claim any more."""
+    if row_ids:
+        _client().delete(*map(_key, row_ids))
