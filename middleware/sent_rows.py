@@ -39,21 +39,26 @@ class SentRows:
     """Row ids waiting for their delete, and the thread that deletes them."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._waiting: list[str] = []
         self._deleting = 0
         self._flushing = 0
         self._changed = threading.Condition()
-        self._owner_pid: int | None = None
+        self._started = False
 
     def add(self, row_id: str) -> None:
         with self._changed:
             self._waiting.append(row_id)
-            if self._owner_pid != os.getpid():  # first use in this process (or in a child forked after it)
-                self._owner_pid = os.getpid()
-                self._waiting = [row_id]
-                self._deleting = 0
+            if not self._started:
+                self._started = True
                 threading.Thread(target=self._run, name="outbox-sent-rows", daemon=True).start()
             self._changed.notify_all()
+
+    def forget_parent(self) -> None:
+        """In a child just forked: the parent's thread did not come along, and the parent deletes its rows."""
+        self._reset()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every row added so far is deleted (or its delete failed); False on timeout."""
@@ -64,7 +69,7 @@ class SentRows:
             try:
                 while self._waiting or self._deleting:
                     left = deadline - time.monotonic()
-                    if left <= 0 or self._owner_pid != os.getpid():
+                    if left <= 0:
                         return False
                     self._changed.wait(left)
             finally:
@@ -106,3 +111,4 @@ class SentRows:
 #: The process's one queue of sent rows.
 sent_rows = SentRows()
 atexit.register(sent_rows.flush, 2.0)
+os.register_at_fork(after_in_child=sent_rows.forget_parent)
