@@ -15,7 +15,7 @@ row that is sent again, which the steps' idempotency makes harmless.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -110,6 +110,21 @@ def _not_sent_yet(row_id: str, operation_id: str, error: Exception) -> None:
     )
 
 
+def _claim_and_send(row_id: str, send: Callable[[], None]) -> Claim:
+    """Send the row if this sender gets its claim, then mark it sent; a failed send gives the claim up, so
+    that the relay need not wait for it to lapse."""
+    token = new_token()
+    outcome = claim(row_id, token)
+    if outcome is Claim.TAKEN:
+        try:
+            send()
+        except Exception:
+            release(row_id, token)
+            raise
+        mark_sent(row_id)
+    return outcome
+
+
 def send_committed(
     broker: dramatiq.Broker,
     row_id: str | None,
@@ -125,16 +140,13 @@ def send_committed(
     not raised, and leaves the row to the relay."""
     if row_id is None:
         return False
-    token = new_token()
+
+    def send() -> None:
+        _send(broker, operation_id, outgoing, throttle_scopes, release_throttle=False)
+
     try:
-        if claim(row_id, token) is not Claim.TAKEN:
+        if _claim_and_send(row_id, send) is not Claim.TAKEN:
             return False
-        try:
-            _send(broker, operation_id, outgoing, throttle_scopes, release_throttle=False)
-        except Exception:
-            release(row_id, token)
-            raise
-        mark_sent(row_id)
     except Exception as error:
         _not_sent_yet(row_id, operation_id, error)
         return False
@@ -142,47 +154,34 @@ def send_committed(
     return True
 
 
-def _deliver(broker: dramatiq.Broker, row_id: str) -> Claim | None:
+def _deliver(broker: dramatiq.Broker, row_id: str, operation_id: str) -> Claim | None:
     """Send one row under its lock and delete it. What the row's claim came to (``Claim.TAKEN``: sent
-    here), or None when the row was gone or locked by another sender."""
-    with session_scope() as session:
-        row = session.scalars(
-            select(OutboxMessage).where(OutboxMessage.id == row_id).with_for_update(skip_locked=True)
-        ).one_or_none()
-        if row is None:
-            return None  # sent and deleted by another sender, or locked by one right now
-        token = new_token()
-        outcome = claim(row_id, token)
-        if outcome is Claim.TAKEN:
-            try:
-                _send_row(broker, row)
-            except Exception:
-                release(row_id, token)
-                raise
-            # Marked before the delete commits: a sender killed in between leaves a row the next one
+    here), or None when the row was gone, locked by another sender, or could not be sent (logged, not
+    raised: the transaction that wrote it has committed and must stay committed)."""
+    try:
+        with session_scope() as session:
+            row = session.scalars(
+                select(OutboxMessage).where(OutboxMessage.id == row_id).with_for_update(skip_locked=True)
+            ).one_or_none()
+            if row is None:
+                return None  # sent and deleted by another sender, or locked by one right now
+            # Marked sent before the delete commits: a sender killed in between leaves a row the next one
             # deletes unsent. The mark stays, for a committing process claiming late.
-            mark_sent(row_id)
-        if outcome is not Claim.BUSY:
-            session.delete(row)
+            outcome = _claim_and_send(row_id, lambda: _send_row(broker, row))
+            if outcome is not Claim.BUSY:
+                session.delete(row)
+    except Exception as error:
+        _not_sent_yet(row_id, operation_id, error)
+        return None
     if outcome is Claim.SENT:
-        try:
-            forget([row_id])
-        except Exception as error:  # harmless: the mark expires on its own
-            logger.info("could not drop the mark of deleted outbox row %s: %s", row_id, error)
+        forget([row_id])
     return outcome
 
 
 def deliver(broker: dramatiq.Broker, row_id: str | None, operation_id: str = "?") -> bool:
     """Send one outbox row and delete it. Returns False when nothing was sent here (another sender had
-    it) or the send failed; a failed row stays for the relay, and the error is logged, not raised: the
-    transaction that wrote it has committed and must stay committed."""
-    if row_id is None:
-        return False
-    try:
-        return _deliver(broker, row_id) is Claim.TAKEN
-    except Exception as error:
-        _not_sent_yet(row_id, operation_id, error)
-        return False
+    it) or the send failed; a failed row stays for the relay."""
+    return row_id is not None and _deliver(broker, row_id, operation_id) is Claim.TAKEN
 
 
 def pending(session: Session, *, older_than_s: float = 0.0, limit: int = RELAY_BATCH) -> list[str]:
@@ -206,7 +205,7 @@ def relay(broker: dramatiq.Broker, *, older_than_s: float | None = None) -> int:
     while True:
         with read_scope() as session:
             ids = pending(session, older_than_s=grace)
-        outcomes = [_relay_one(broker, row_id) for row_id in ids]
+        outcomes = [_deliver(broker, row_id, "?") for row_id in ids]
         sent += outcomes.count(Claim.TAKEN)
         cleared = sum(outcome in (Claim.TAKEN, Claim.SENT) for outcome in outcomes)
         if len(ids) < RELAY_BATCH or cleared == 0:
@@ -215,14 +214,6 @@ def relay(broker: dramatiq.Broker, *, older_than_s: float | None = None) -> int:
     if sent:
         logger.warning("outbox relay sent %d message batch(es) their committing process had left unsent", sent)
     return sent
-
-
-def _relay_one(broker: dramatiq.Broker, row_id: str) -> Claim | None:
-    try:
-        return _deliver(broker, row_id)
-    except Exception as error:
-        _not_sent_yet(row_id, "?", error)
-        return None
 
 
 class OutboxRelay(Middleware):

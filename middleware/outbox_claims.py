@@ -13,6 +13,7 @@ sender killed between its send and the delete of its row).
 from __future__ import annotations
 
 import enum
+import logging
 import uuid
 
 import redis
@@ -28,6 +29,8 @@ CLAIM_TTL_MS = 30_000
 #: or so, the relay a few seconds after a crash) and any late claim by a committing process that stalled
 #: past the relay's grace period. Deleted with the row when the committing process sent it.
 SENT_TTL_MS = 24 * 3600 * 1000
+
+logger = logging.getLogger(__name__)
 
 _SENDING = "sending:"
 _SENT = "sent"
@@ -81,6 +84,11 @@ def mark_sent(row_id: str) -> None:
 
 
 def forget(row_ids: list[str]) -> None:
-    """Drop the marks of rows that are deleted, and that no late sender can claim any more."""
-    if row_ids:
+    """Drop the marks of rows that are deleted, and that no late sender can claim any more. A failure is
+    harmless (the marks expire on their own), so it is logged, not raised."""
+    if not row_ids:
+        return
+    try:
         _client().delete(*map(_key, row_ids))
+    except redis.RedisError as error:
+        logger.info("could not drop the marks of %d deleted outbox row(s): %s", len(row_ids), error)

@@ -102,10 +102,7 @@ class SentRows:
     def _delete(row_ids: list[str]) -> None:
         with session_scope() as session:
             session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(row_ids)))
-        try:
-            forget(row_ids)
-        except Exception as error:  # harmless: the marks expire on their own
-            logger.info("could not drop the marks of %d deleted outbox row(s): %s", len(row_ids), error)
+        forget(row_ids)
 
 
 #: The process's one queue of sent rows.
