@@ -25,7 +25,7 @@ __all__ = ["CLAIM_TTL_MS", "SENT_TTL_MS", "Claim", "claim", "forget", "mark_sent
 
 #: How long a claim keeps other senders off a row: far longer than a send takes.
 CLAIM_TTL_MS = 30_000
-#: How long a sent row's mark lasts: it must outlive the row (the sweeper deletes the row within a second
+#: How long a sent row's mark lasts: it must outlive the row (``sent_rows`` deletes the row within a second
 #: or so, the relay a few seconds after a crash) and any late claim by a committing process that stalled
 #: past the relay's grace period. Deleted with the row when the committing process sent it.
 SENT_TTL_MS = 24 * 3600 * 1000
@@ -56,10 +56,6 @@ def _key(row_id: str) -> str:
     return f"{get_settings().namespace}:outbox:{row_id}"
 
 
-def _client() -> redis.Redis:
-    return get_redis()
-
-
 def new_token() -> str:
     """A sender's name for its claims."""
     return uuid.uuid4().hex
@@ -67,7 +63,7 @@ def new_token() -> str:
 
 def claim(row_id: str, token: str) -> Claim:
     """Try to become the row's one sender."""
-    client = _client()
+    client = get_redis()
     if client.set(_key(row_id), _SENDING + token, nx=True, px=CLAIM_TTL_MS):
         return Claim.TAKEN
     return Claim.SENT if client.get(_key(row_id)) == _SENT else Claim.BUSY
@@ -75,12 +71,13 @@ def claim(row_id: str, token: str) -> Claim:
 
 def release(row_id: str, token: str) -> None:
     """Give up a claim whose send failed, so that the relay need not wait for it to lapse."""
-    _client().eval(_RELEASE, 1, _key(row_id), _SENDING + token)
+    # Rare (a failed send), so the script is not kept: register_script only hashes it, and runs it by EVALSHA.
+    get_redis().register_script(_RELEASE)(keys=[_key(row_id)], args=[_SENDING + token])
 
 
 def mark_sent(row_id: str) -> None:
     """The claimed row is in the broker: any later sender deletes it unsent."""
-    _client().set(_key(row_id), _SENT, px=SENT_TTL_MS)
+    get_redis().set(_key(row_id), _SENT, px=SENT_TTL_MS)
 
 
 def forget(row_ids: list[str]) -> None:
@@ -89,6 +86,6 @@ def forget(row_ids: list[str]) -> None:
     if not row_ids:
         return
     try:
-        _client().delete(*map(_key, row_ids))
+        get_redis().delete(*map(_key, row_ids))
     except redis.RedisError as error:
         logger.info("could not drop the marks of %d deleted outbox row(s): %s", len(row_ids), error)
