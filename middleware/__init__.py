@@ -8,8 +8,9 @@ from .outbox import OutboxRelay
 from .periodic import OPTION_TICK, PeriodicTicks
 from .plan import Composable, PlanBuilder
 from .progress import Outgoing, Progress, complete_step, fail_operation, first_steps
+from .step_marks import StepMarks
 from .throttle import Throttle, ThrottleScope, find_throttle
-from .transitions import OperationTransitions, end_operation, enqueue_all
+from .transitions import OperationTransitions, end_operation, enqueue_all, forget_marks
 
 __all__ = [
     "OPTION_TICK",
@@ -26,6 +27,7 @@ __all__ = [
     "PlanBuilder",
     "Progress",
     "StepContext",
+    "StepMarks",
     "Throttle",
     "ThrottleScope",
     "complete_step",
@@ -37,5 +39,6 @@ __all__ = [
     "find_inflight",
     "find_throttle",
     "first_steps",
+    "forget_marks",
     "step_context",
 ]

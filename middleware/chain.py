@@ -6,11 +6,12 @@ an operation's cost when the steps are short. A chained step is run only when it
 predecessor's completion starts, goes to the same queue, has no delay, and the chain is still within its
 time budget (``JOBS_STEP_CHAIN_S``); anything else is sent as before.
 
-Each chained step's completion is recorded as it ends, in a transaction of its own, as a delivered step's
-is: that record, under the operation's row lock, is also the next step's check (the operation still runs,
-the step not yet done), so a chained step needs no read before it. Recording the chain's steps together
-at its end would save transactions, but a crash would then run again steps whose successors had already
-acted (delete a volume, then try to delete it again), which no step can be expected to survive.
+Each chained step's completion is recorded before the next step starts, as a mark in Redis (``step_marks``)
+rather than a write transaction: the mark is refused once the operation is being ended (a cancel, a failed
+sibling), so it is also the next step's check, and a chained step needs no read before it. The database gets
+the marked steps in the transaction that records the chain's last step. Recording the chain's steps only at
+its end would save the marks too, but a crash would then run again steps whose successors had already acted
+(delete a volume, then try to delete it again), which no step can be expected to survive.
 
 The message that started the chain stays unacknowledged until the chain ends, so a worker killed in the
 middle has it delivered again, and its check sends the first step not recorded (``progress.check_step``
@@ -18,7 +19,7 @@ follows recorded steps to it): as without chaining, a crash runs again at most t
 Every chained step goes through every middleware hook (time limit, retries, logs, metrics) as a delivered
 message would. The throttle is not asked again for a step outside any group: the operation keeps the slot
 its first step was admitted with, held for the unacknowledged message (the slot of an operation whose next
-step is queued does not expire), and a cancel that releases it is caught by the record before the step.
+step is queued does not expire), and a cancel that releases it stops the chain at the next mark.
 """
 
 from __future__ import annotations

@@ -1,19 +1,24 @@
 """An operation's progress in the database: which steps may run, what follows a completed step, and
 what happens once when a step fails for good.
 
-Every function here takes the operation's row lock first (``SELECT … FOR UPDATE``; SQLite serializes
-writers), so concurrent steps of one operation — a group's members finishing together — see each
-other's completions, and the last one to finish is the only one that moves on.
+Every function that writes takes the operation's row lock first (``SELECT … FOR UPDATE``; SQLite
+serializes writers), so concurrent steps of one operation — a group's members finishing together — see
+each other's completions, and the last one to finish is the only one that moves on.
+
+A step is done when the database has a row for it, or when a chain marked it in Redis (``step_marks``): the
+callers read the marks and pass them in (``marked``, plan path → completion time), and the first write
+that takes the operation's row lock copies them into the database.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from dramatiq import Broker, Message
-from sqlalchemy import insert, literal, select
+from sqlalchemy import literal, select
 from sqlalchemy.orm import Session
 
 from resources.metrics import operation_ended
@@ -27,7 +32,6 @@ __all__ = [
     "Progress",
     "StepCheck",
     "check_step",
-    "complete_inner_step",
     "complete_step",
     "enqueue_all",
     "fail_operation",
@@ -87,6 +91,12 @@ class StepCheck:
     ended: bool = False
     follow_up: list[Outgoing] = field(default_factory=list)
     succeeded: bool = False
+    #: The operation's plan, for a step that may run (its completion may then be marked, see ``step_marks``).
+    plan: dict | None = None
+
+
+#: No step marked in Redis.
+NO_MARKS: Mapping[str, datetime] = {}
 
 
 def first_steps(plan: dict, countdown_ms: int | None = None) -> list[Outgoing]:
@@ -100,42 +110,51 @@ def _locked(session: Session, operation_id: str) -> Operation | None:
     return session.scalars(select(Operation).where(Operation.id == operation_id).with_for_update()).one_or_none()
 
 
-def _done_paths(session: Session, operation_id: str) -> set[str]:
+def _recorded_paths(session: Session, operation_id: str) -> set[str]:
     return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
 
 
-def check_step(session: Session, operation_id: str, path: str | None) -> StepCheck:
+def _copy_marks(session: Session, operation_id: str, marked: Mapping[str, datetime], recorded: set[str]) -> None:
+    """Write the marked steps the database does not have yet, with the time each completed."""
+    new = {path: at for path, at in marked.items() if path not in recorded}
+    session.add_all(StepDone(operation_id=operation_id, path=path, done_at=at) for path, at in new.items())
+
+
+def check_step(
+    session: Session, operation_id: str, path: str | None, marked: Mapping[str, datetime] = NO_MARKS
+) -> StepCheck:
     """May step ``path`` of this operation run now? Not when its operation has ended, nor when it has
     completed already (a duplicate delivery, or a redelivery after a crash: see ``StepCheck.follow_up``).
-    One query in the common case: the step is new."""
+    One query in the common case: the step is new (its answer has the plan)."""
     done_here = select(StepDone.path).where(StepDone.operation_id == operation_id, StepDone.path == path)
     row = session.execute(
-        select(Operation.status, done_here.exists() if path is not None else literal(False)).where(
+        select(Operation.status, done_here.exists() if path is not None else literal(False), Operation.plan).where(
             Operation.id == operation_id
         )
     ).one_or_none()
     if row is None:
         return StepCheck(skip=f"operation {operation_id} does not exist", ended=True)
-    status, completed = row
+    status, completed, plan = row
     if status != OperationStatus.RUNNING:
         succeeded = status == OperationStatus.SUCCEEDED
         return StepCheck(skip=f"operation {operation_id} already {status}", ended=True, succeeded=succeeded)
-    if completed:
+    if completed or path in marked:
         assert path is not None
         return StepCheck(
             skip=f"step {path} of operation {operation_id} already completed (duplicate delivery)",
-            follow_up=_follow_up(session, operation_id, path),
+            follow_up=_follow_up(session, operation_id, plan, path, marked),
         )
-    return StepCheck()
+    return StepCheck(plan=plan)
 
 
-def _follow_up(session: Session, operation_id: str, path: str) -> list[Outgoing]:
+def _follow_up(
+    session: Session, operation_id: str, plan: dict, path: str, marked: Mapping[str, datetime]
+) -> list[Outgoing]:
     """The steps that the completion of ``path`` started and that have not completed yet. A started step
     that has completed was chained (run by the same worker, never sent): what it started is followed too."""
-    plan = session.scalar(select(Operation.plan).where(Operation.id == operation_id))
-    if plan is None or plan["root"] is None:
+    if plan["root"] is None:
         return []
-    done = _done_paths(session, operation_id)
+    done = _recorded_paths(session, operation_id) | set(marked)
     return outgoing_of(plan, pending_after(plan["root"], done, path))
 
 
@@ -152,16 +171,20 @@ def pending_after(root: dict, done: set[str], path: str) -> list[str]:
     return pending
 
 
-def complete_step(session: Session, operation_id: str, path: str) -> Progress:
-    """Record step ``path`` as done and return what to enqueue next (nothing for a duplicate)."""
+def complete_step(
+    session: Session, operation_id: str, path: str, marked: Mapping[str, datetime] = NO_MARKS
+) -> Progress:
+    """Record step ``path`` as done, with the steps ``marked`` before it, and return what to enqueue next
+    (nothing for a duplicate)."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
         return Progress([])
-    done = _done_paths(session, operation_id)
-    if path in done:
+    recorded = _recorded_paths(session, operation_id)
+    if path in recorded or path in marked:
         logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
         return Progress([])
-    step = advance(operation.plan["root"], done, path)
+    _copy_marks(session, operation_id, marked, recorded)
+    step = advance(operation.plan["root"], recorded | set(marked), path)
     session.add_all(StepDone(operation_id=operation_id, path=p) for p in step.completed)
     if step.finished:
         operation.status = OperationStatus.SUCCEEDED
@@ -169,22 +192,6 @@ def complete_step(session: Session, operation_id: str, path: str) -> Progress:
         operation_ended(session, operation)
         logger.info("operation %s (%s) succeeded", operation_id, operation.executor)
     return Progress(outgoing_of(operation.plan, step.start), ended=step.finished, plan=operation.plan)
-
-
-def complete_inner_step(session: Session, operation_id: str, path: str) -> bool:
-    """Record step ``path``, a step of a sequence with more after it (``plan.next_in_sequence``), so that its
-    completion completes no other node: under the operation's row lock, one insert, no plan to read. For a
-    chained step (see ``chain``), whose predecessor's record showed it not done. False when the operation is
-    no longer running: nothing is recorded."""
-    running = session.scalar(
-        select(Operation.id)
-        .where(Operation.id == operation_id, Operation.status == OperationStatus.RUNNING)
-        .with_for_update()
-    )
-    if running is None:
-        return False
-    session.execute(insert(StepDone).values(operation_id=operation_id, path=path, done_at=utcnow()))
-    return True
 
 
 def fail_operation(
@@ -195,10 +202,12 @@ def fail_operation(
     error_traceback: str,
     *,
     status: str = OperationStatus.FAILED,
+    marked: Mapping[str, datetime] = NO_MARKS,
 ) -> Progress:
     """Fail (or cancel) the operation once: store the error on it and on every resource whose part did
-    not finish, and return the failure callbacks to enqueue. A second call (another member of a group
-    failing, a duplicate delivery) finds the operation no longer running: nothing to do, not ended."""
+    not finish (``marked`` steps count as finished, and are recorded), and return the failure callbacks to
+    enqueue. A second call (another member of a group failing, a duplicate delivery) finds the operation no
+    longer running: nothing to do, not ended."""
     operation = _locked(session, operation_id)
     if operation is None or operation.status != OperationStatus.RUNNING:
         return Progress([])
@@ -208,7 +217,9 @@ def fail_operation(
     operation.error_message = error_message
     operation.error_traceback = error_traceback
     operation_ended(session, operation)
-    done = _done_paths(session, operation_id)
+    recorded = _recorded_paths(session, operation_id)
+    _copy_marks(session, operation_id, marked, recorded)
+    done = recorded | set(marked)
     callbacks: list[Outgoing] = []
     for party in operation.plan["parties"]:
         if party["path"] is not None and party["path"] in done:

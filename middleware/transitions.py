@@ -8,6 +8,7 @@ be retried (Dramatiq has no "failed for good" hook; Callbacks' ``on_failure`` fi
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import traceback
@@ -29,22 +30,17 @@ from .context import StepContext, current_step, set_step_context
 from .inflight import find_inflight
 from .outbox import deliver, stage
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE, next_in_sequence
-from .progress import (
-    Progress,
-    StepCheck,
-    check_step,
-    complete_inner_step,
-    complete_step,
-    enqueue_all,
-    fail_operation,
-    outgoing_of,
-)
+from .progress import Progress, StepCheck, check_step, complete_step, enqueue_all, fail_operation, outgoing_of
+from .step_marks import StepMarks
 from .throttle import Throttle, find_throttle
 from .transient import Unavailable, retry_in_place
 
-__all__ = ["OperationTransitions", "describe_error", "end_operation", "enqueue_all"]
+__all__ = ["OperationTransitions", "describe_error", "end_operation", "enqueue_all", "forget_marks"]
 
 logger = logging.getLogger(__name__)
+
+#: The plan a delivered step's check read, by message id: its completion decides from it whether to chain.
+_CHECKED_PLAN: contextvars.ContextVar[tuple[str, dict | None]] = contextvars.ContextVar("checked_plan")
 
 
 def describe_error(exception: BaseException) -> str:
@@ -53,28 +49,38 @@ def describe_error(exception: BaseException) -> str:
 
 
 def end_operation(
-    broker: dramatiq.Broker, operation_id: str, step_name: str, reason: str, *, status: str = OperationStatus.FAILED
+    broker: dramatiq.Broker,
+    operation_id: str,
+    step_name: str,
+    reason: str,
+    *,
+    status: str = OperationStatus.FAILED,
+    marks: StepMarks | None = None,
 ) -> bool:
     """End a running operation from outside its steps (a cancel, a message no worker can run): fail it
     once with ``reason``, then release its slot and send its failure callbacks. False if it had ended."""
+    marks = marks or StepMarks()
+    marks.stop_chains(operation_id)  # before the commit: no chain of the operation may miss it
+    marked = marks.paths(operation_id)
     with session_scope() as session:
-        progress = fail_operation(session, operation_id, step_name, reason, "", status=status)
+        progress = fail_operation(session, operation_id, step_name, reason, "", status=status, marked=marked)
         outbox_id = stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
     deliver(broker, outbox_id, operation_id)
     if progress.ended:
-        forget_sent(broker, operation_id)
+        forget_marks(broker, operation_id, marks)
     return progress.ended
 
 
-def forget_sent(broker: dramatiq.Broker, operation_id: str) -> None:
-    """Drop an ended operation's sent marks; best effort, as their expiry removes them anyway."""
+def forget_marks(broker: dramatiq.Broker, operation_id: str, marks: StepMarks) -> None:
+    """Drop an ended operation's sent and step marks (its steps are in the database by then); best effort, as
+    their expiry removes them anyway."""
     inflight = find_inflight(broker)
-    if inflight is None:
-        return
     try:
-        inflight.forget_sent(operation_id)
+        if inflight is not None:
+            inflight.forget_sent(operation_id)
+        marks.forget(operation_id)
     except Exception as error:
-        logger.info("operation %s: sent marks left to expire (%s)", operation_id, error)
+        logger.info("operation %s: marks left to expire (%s)", operation_id, error)
 
 
 class OperationTransitions(Middleware):
@@ -88,10 +94,12 @@ class OperationTransitions(Middleware):
         throttle: Throttle | None = None,
         read_sessions: Callable[[], AbstractContextManager[Session]] = read_scope,
         chain_budget_s: float | None = None,
+        marks: StepMarks | None = None,
     ) -> None:
         self.sessions = sessions
         self.read_sessions = read_sessions
         self.throttle = throttle
+        self.marks = marks or StepMarks()
         self.chain = StepChain(get_settings().step_chain_s if chain_budget_s is None else chain_budget_s)
 
     @staticmethod
@@ -105,8 +113,12 @@ class OperationTransitions(Middleware):
         if not self._is_step(message):
             return
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
-        # A chained step's check was its predecessor's record, just committed (see middleware.chain).
-        check = StepCheck() if self.chain.is_chained(message) else self._check(operation_id, path)
+        # A chained step's check was its predecessor's record, just made (see middleware.chain).
+        if self.chain.is_chained(message):
+            check = StepCheck()
+        else:
+            check = self._check(operation_id, path)
+            _CHECKED_PLAN.set((message.message_id, check.plan))
         if check.skip is not None:
             logger.info("skipping %s: %s", message, check.skip)
             try:
@@ -125,8 +137,9 @@ class OperationTransitions(Middleware):
 
     def _check(self, operation_id: str, path: str) -> StepCheck:
         try:
+            marked = self.marks.paths(operation_id)
             with self.read_sessions() as session:
-                return check_step(session, operation_id, path)
+                return check_step(session, operation_id, path, marked)
         except Exception as error:  # Dramatiq would log it and run the step unchecked
             raise Unavailable(f"could not check step {path} of operation {operation_id}: {error}") from error
 
@@ -183,10 +196,11 @@ class OperationTransitions(Middleware):
                 lambda: self._record_failure(message, operation_id, exception), f"failing {what}"
             )
             deliver(broker, outbox_id, operation_id)
-            forget_sent(broker, operation_id)
+            forget_marks(broker, operation_id, self.marks)
             return
-        progress = retry_in_place(lambda: self._record_success(message, operation_id, path), f"recording {what}")
-        successor = self.chain.successor(broker, message, progress)
+        progress, successor = retry_in_place(
+            lambda: self._record_success(broker, message, operation_id, path), f"recording {what}"
+        )
         if successor is not None:
             self.chain.run(broker, successor, progress, fence=fence)
             return
@@ -204,25 +218,38 @@ class OperationTransitions(Middleware):
             )
             retry_in_place(lambda: self._stage(operation_id, progress), f"keeping what follows {what} for the relay")
 
-    def _record_success(self, message: Message[Any], operation_id: str, path: str) -> Progress:
-        plan = self.chain.plan if self.chain.is_chained(message) else None
+    def _record_success(
+        self, broker: dramatiq.Broker, message: Message[Any], operation_id: str, path: str
+    ) -> tuple[Progress, Message[Any] | None]:
+        """Record the step; return what follows it, and the step this worker runs next (None: send it)."""
+        if self.chain.is_chained(message):
+            plan = self.chain.plan
+        else:
+            checked = _CHECKED_PLAN.get(None)
+            plan = checked[1] if checked is not None and checked[0] == message.message_id else None
         following = next_in_sequence(plan["root"], path) if plan is not None else None
+        if plan is not None and following is not None:
+            # In the middle of a sequence, what follows is known from the plan. When this worker runs it next,
+            # a mark in Redis records this step (see middleware.step_marks): no transaction, and on SQLite no
+            # turn at the one writer. Refused once the operation is being ended: recorded below then.
+            progress = Progress(outgoing_of(plan, following), plan=plan)
+            successor = self.chain.successor(broker, message, progress)
+            if successor is not None and self.marks.record(operation_id, path):
+                return progress, successor
+        marked = self.marks.paths(operation_id)
         with self.sessions() as session:
-            if following is None:
-                return complete_step(session, operation_id, path)
-            # A chained step in the middle of a sequence: what follows is known from the plan, and the record
-            # is one insert under the row lock (the short write is what matters on SQLite: one writer at a time).
-            if not complete_inner_step(session, operation_id, path):
-                return Progress([])
-            return Progress(outgoing_of(plan, following), plan=plan)
+            progress = complete_step(session, operation_id, path, marked)
+        return progress, self.chain.successor(broker, message, progress)
 
     def _record_failure(self, message: Message[Any], operation_id: str, exception: BaseException) -> str | None:
         """Fail the operation and stage its failure callbacks and the slot's release in the outbox, in one
         transaction (they must run even if this worker dies now); returns the outbox row to deliver."""
+        self.marks.stop_chains(operation_id)  # a chain of a sibling step stops before its next step
+        marked = self.marks.paths(operation_id)
         with self.sessions() as session:
             error_traceback = "".join(traceback.format_exception(exception))
             progress = fail_operation(
-                session, operation_id, message.actor_name, describe_error(exception), error_traceback
+                session, operation_id, message.actor_name, describe_error(exception), error_traceback, marked=marked
             )
             return stage(session, operation_id, progress.outgoing, release_throttle=progress.ended)
 
@@ -233,7 +260,7 @@ class OperationTransitions(Middleware):
     def _send(self, broker: dramatiq.Broker, operation_id: str, progress: Progress) -> None:
         enqueue_all(broker, progress.outgoing)
         if progress.ended:
-            forget_sent(broker, operation_id)
+            forget_marks(broker, operation_id, self.marks)
             self._release(broker, operation_id)
             return
         inflight = find_inflight(broker)

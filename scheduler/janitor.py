@@ -18,7 +18,7 @@ import dramatiq
 from sqlalchemy import func, select
 
 from jobs.redis_broker import JobsRedisBroker
-from middleware import Copy, InFlight, fail_operation, find_inflight, find_throttle
+from middleware import Copy, InFlight, StepMarks, fail_operation, find_inflight, find_throttle, forget_marks
 from middleware.outbox import deliver, stage
 from resources.config import get_settings
 from resources.db import read_scope, session_scope
@@ -110,6 +110,9 @@ def _has_a_copy(broker: dramatiq.Broker, inflight: InFlight, operation_id: str) 
 def rescue(broker: dramatiq.Broker, stuck: Stuck, now: datetime) -> bool:
     """Move one stuck resource to ERRED and end its operation, if it is still as it was found."""
     message = stuck.message(now)
+    # Nothing of the operation is in flight, so none of its chains runs: its marked steps are all there are.
+    marks = StepMarks()
+    marked = marks.paths(stuck.operation_id) if stuck.operation_id is not None else {}
     with session_scope() as session:
         values = {"error_message": message, "error_traceback": ""}
         if not apply_if_unchanged(
@@ -118,9 +121,11 @@ def rescue(broker: dramatiq.Broker, stuck: Stuck, now: datetime) -> bool:
             return False  # it moved on since it was found
         outbox_id = None
         if stuck.operation_id is not None:
-            progress = fail_operation(session, stuck.operation_id, "janitor", message, "")
+            progress = fail_operation(session, stuck.operation_id, "janitor", message, "", marked=marked)
             outbox_id = stage(session, stuck.operation_id, progress.outgoing, release_throttle=True)
     deliver(broker, outbox_id, stuck.operation_id or "-")
+    if stuck.operation_id is not None:
+        forget_marks(broker, stuck.operation_id, marks)
     logger.warning("%s: %s", stuck.ref, message)
     janitor_rescued(stuck.state)
     return True

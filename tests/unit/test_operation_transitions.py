@@ -12,7 +12,7 @@ from dramatiq import Message
 from dramatiq.middleware import CurrentMessage, SkipMessage
 
 from jobs.executors import InstanceCreateExecutor
-from middleware import OperationTransitions, find_inflight, find_throttle
+from middleware import OperationTransitions, StepMarks, find_inflight, find_throttle
 from middleware.outbox import relay
 from middleware.plan import OPTION_NODE
 from middleware.progress import complete_step
@@ -167,6 +167,7 @@ def test_an_ended_operation_leaves_no_sent_marks_behind(stub_broker, stub_worker
     ended = handle.wait(timeout=30)
     drain(stub_broker)
 
-    # Then the marks of its sent steps are gone (they would otherwise stay for days, per operation)
+    # Then the marks of its sent and chained steps are gone (they would otherwise stay for days, per operation)
     assert ended.status == (OperationStatus.FAILED if fails else OperationStatus.SUCCEEDED)
     assert inflight.sent(handle.id) == set()
+    assert StepMarks().paths(handle.id) == {}

@@ -19,7 +19,7 @@ from jobs import queues
 from jobs.executors import BaseExecutor
 from jobs.executors.base import Signature
 from jobs.executors.throttling import provisioning_scope
-from middleware import OperationTransitions, ThrottleScope, current_step, end_operation, find_throttle
+from middleware import OperationTransitions, StepMarks, ThrottleScope, current_step, end_operation, find_throttle
 from middleware.plan import OPTION_NODE
 from middleware.progress import complete_step, pending_after
 from middleware.transient import retry_transient
@@ -33,8 +33,10 @@ ran: list[tuple[str, str | None]] = []
 fences: dict[str, int | None] = {}
 ran_lock = threading.Lock()
 blipped: set[str] = set()
-#: What the database had recorded of its operation when a "look" step ran.
+#: What the database and Redis's marks had recorded of its operation when a "look" step ran.
 seen_done: list[set[str]] = []
+#: What the database alone had recorded then.
+seen_in_database: list[set[str]] = []
 
 
 @dramatiq.actor(queue_name=queues.DEFAULT, retry_when=retry_transient, min_backoff=10, max_backoff=10)
@@ -49,7 +51,8 @@ def chain_probe(label: str, behaviour: str = "") -> None:
     elif behaviour == "fail":
         raise ValueError(f"step {label} fails for good")
     elif behaviour == "look":
-        seen_done.append(done_paths(current_step().operation_id or ""))
+        seen_done.append(recorded_paths(current_step().operation_id or ""))
+        seen_in_database.append(done_paths(current_step().operation_id or ""))
     elif behaviour == "blip" and label not in blipped:
         blipped.add(label)
         raise sql_errors.OperationalError("UPDATE ...", {}, Exception("database is locked"))
@@ -108,6 +111,7 @@ def enqueues(stub_broker: Any) -> Any:
     fences.clear()
     blipped.clear()
     seen_done.clear()
+    seen_in_database.clear()
     counter = CountEnqueues()
     stub_broker.add_middleware(counter)
     yield counter
@@ -115,8 +119,20 @@ def enqueues(stub_broker: Any) -> Any:
 
 
 def done_paths(operation_id: str) -> set[str]:
+    """The steps the database has recorded."""
     with session_scope() as session:
         return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
+
+
+def done_times(operation_id: str) -> dict[str, Any]:
+    with session_scope() as session:
+        rows = session.execute(select(StepDone.path, StepDone.done_at).where(StepDone.operation_id == operation_id))
+        return {path: done_at for path, done_at in rows}
+
+
+def recorded_paths(operation_id: str) -> set[str]:
+    """The steps recorded in the database or marked in Redis: what a redelivered step's check goes by."""
+    return done_paths(operation_id) | set(StepMarks().paths(operation_id))
 
 
 def labels() -> list[str]:
@@ -132,12 +148,30 @@ def test_a_sequence_runs_as_one_delivery_with_every_step_recorded(stub_broker, e
     drain(stub_broker)
 
     # Then only its first step went through the broker, every step ran once as its own plan node, and all
-    # of them are recorded
+    # of them are in the database, each with the time it completed, and none is left marked in Redis
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert enqueues.sent == ["s0"]
     assert labels() == ["s0", "s1", "s2", "s3", "s4"]
     assert [node for _label, node in ran] == ["0", "1", "2", "3", "4"]
     assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
+    completed_at = done_times(handle.id)
+    assert [completed_at[p] for p in "01234"] == sorted(completed_at[p] for p in "01234")
+    assert StepMarks().paths(handle.id) == {}
+
+
+def test_a_chained_step_is_marked_in_redis_not_written_to_the_database(stub_broker, enqueues, stub_worker):
+    # Given a sequence whose third step looks at what is recorded
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When it runs
+    handle = SequenceExecutor.execute(instance, behaviours=["", "", "look", ""])
+    drain(stub_broker)
+
+    # Then the two steps before it were marked in Redis, and the database had none of them yet: a chained
+    # step costs no write transaction
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert seen_in_database == [set()]
+    assert len(seen_done) == 1 and {"0", "1"} == seen_done[0]
 
 
 def test_each_chained_step_is_recorded_before_the_next_one_runs(stub_broker, enqueues, stub_worker):
@@ -253,6 +287,27 @@ def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_record(stub_b
     # Then the operation went on from step 3, and no recorded step ran again
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert labels() == ["s3", "s4"]
+
+
+def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_mark(stub_broker, enqueues, request):
+    # Given a five-step operation whose worker ran steps 0, 1 and 2 as one chain, marking each in Redis, and
+    # was killed during step 3, its first message unacknowledged (no worker has consumed anything yet)
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = SequenceExecutor.execute(instance, behaviours=[""] * 5)
+    first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
+    stub_broker.queues[queues.DEFAULT].task_done()
+    for path in (first.options[OPTION_NODE], "1", "2"):
+        assert StepMarks().record(handle.id, path)
+
+    # When the broker delivers that first message again
+    request.getfixturevalue("stub_worker")
+    stub_broker.enqueue(first)
+    drain(stub_broker)
+
+    # Then the operation went on from step 3, no marked step ran again, and the database has every step
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert labels() == ["s3", "s4"]
+    assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
 
 
 def test_the_steps_still_to_run_are_found_through_recorded_steps() -> None:

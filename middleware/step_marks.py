@@ -1,0 +1,75 @@
+"""Marks in Redis of the steps a chain has completed, so that a chained step costs no database transaction.
+
+A step whose successor the same worker runs next (``chain``) must be recorded before that successor starts:
+a crash must run again at most the step it interrupted. That record used to be a write transaction of its
+own, four of them for a five-step sequence, each queueing for SQLite's one writer. It is now a mark in
+Redis, the store that already holds the chain's unacknowledged message: a Redis that lost the mark has lost
+the message that would act on it too. The database gets the marked steps later, in the transaction that
+records the chain's last step, or the operation's failure, and every reader of an operation's progress
+(``progress.check_step``, ``complete_step``, ``fail_operation``) takes the marks with the database's rows.
+
+Something that ends an operation from outside its chain (a cancel, a sibling step failing in a group, the
+janitor) first stops its chains (``stop_chains``): a mark is then refused, in the same script that would
+make it, so the chain records its step in the database instead, where it finds the operation ended and goes
+no further. The stop is written before the operation's end is committed, so no chain can miss it; one whose
+end was then rolled back only stops chaining (its next step goes through the broker).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from redis.commands.core import Script
+
+from resources.config import get_settings
+
+from .redis_state import LazyRedis
+
+__all__ = ["MARKS_TTL_S", "StepMarks"]
+
+#: Longer than the longest delay Dramatiq allows (7 days): marks outlive the message that may act on them.
+MARKS_TTL_S = 8 * 24 * 3600
+
+# Mark a step done (its completion time as the value), unless the operation's chains were stopped.
+_RECORD = """
+if redis.call('exists', KEYS[2]) == 1 then return 0 end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+redis.call('expire', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+class StepMarks(LazyRedis):
+    """The marked steps of each operation: ``<namespace>:steps:<operation id>`` (a hash of plan path →
+    completion time) and its stop flag (``…:stopped``)."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self._prefix = prefix
+        self._record_script: Script | None = None
+
+    def _key(self, operation_id: str) -> str:
+        prefix = self._prefix or f"{get_settings().namespace}:steps"
+        return f"{prefix}:{operation_id}"
+
+    def record(self, operation_id: str, path: str) -> bool:
+        """Mark step ``path`` done; False, marking nothing, once the operation's chains were stopped."""
+        if self._record_script is None:
+            self._record_script = self.client.register_script(_RECORD)
+        key = self._key(operation_id)
+        marked = self._record_script(keys=[key, f"{key}:stopped"], args=[path, repr(time.time()), MARKS_TTL_S])
+        return bool(marked)
+
+    def paths(self, operation_id: str) -> dict[str, datetime]:
+        """The operation's marked steps, with the time (naive UTC, as the models store it) each completed."""
+        marks = self.client.hgetall(self._key(operation_id))
+        return {path: datetime.fromtimestamp(float(at), UTC).replace(tzinfo=None) for path, at in marks.items()}
+
+    def stop_chains(self, operation_id: str) -> None:
+        """Refuse every later mark of the operation: its running chains stop before their next step. Kept
+        until it expires: a chain may be in the middle of a long step when the operation ends."""
+        self.client.set(f"{self._key(operation_id)}:stopped", 1, ex=MARKS_TTL_S)
+
+    def forget(self, operation_id: str) -> None:
+        """The operation has ended and its marks are in the database: drop them (they would expire anyway)."""
+        self.client.delete(self._key(operation_id))

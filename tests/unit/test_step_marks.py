@@ -1,0 +1,52 @@
+"""Step marks in Redis: a chained step's record, refused once its operation's chains were stopped."""
+
+from __future__ import annotations
+
+import uuid
+
+from middleware.step_marks import MARKS_TTL_S, StepMarks
+from resources.redis_client import get_redis
+
+
+def test_marked_steps_are_read_back_with_their_completion_times() -> None:
+    # Given an operation with two steps marked, one after the other
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0")
+    assert marks.record(operation_id, "1")
+
+    # When its marks are read
+    marked = marks.paths(operation_id)
+
+    # Then both are there, in the order they completed, and the marks expire by themselves after a week
+    assert set(marked) == {"0", "1"}
+    assert marked["0"] <= marked["1"]
+    assert 0 < get_redis().ttl(marks._key(operation_id)) <= MARKS_TTL_S
+
+
+def test_once_its_chains_are_stopped_an_operation_takes_no_more_marks() -> None:
+    # Given an operation with a marked step, whose chains are then stopped (it is being ended)
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0")
+    marks.stop_chains(operation_id)
+
+    # When a chain tries to mark its next step
+    accepted = marks.record(operation_id, "1")
+
+    # Then the mark is refused (the chain records the step in the database instead, and stops), and the
+    # marks made before are kept for the operation's end to write down
+    assert accepted is False
+    assert set(marks.paths(operation_id)) == {"0"}
+
+
+def test_forgetting_an_operations_marks_keeps_its_chains_stopped() -> None:
+    # Given an ended operation's marks, its chains stopped
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0")
+    marks.stop_chains(operation_id)
+
+    # When its marks are forgotten
+    marks.forget(operation_id)
+
+    # Then they are gone, and a chain still in the middle of a long step cannot mark one again
+    assert marks.paths(operation_id) == {}
+    assert marks.record(operation_id, "1") is False
