@@ -31,10 +31,11 @@ __all__ = ["MARKS_TTL_S", "StepMarks"]
 #: Longer than the longest delay Dramatiq allows (7 days): marks outlive the message that may act on them.
 MARKS_TTL_S = 8 * 24 * 3600
 
-# Mark a step done (its completion time as the value), unless the operation's chains were stopped.
+# Mark a step done (its completion time as the value), unless the operation's chains were stopped or the
+# step is marked already (two copies of it ran side by side: only the first to finish goes on).
 _RECORD = """
 if redis.call('exists', KEYS[2]) == 1 then return 0 end
-redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('expire', KEYS[1], ARGV[3])
 return 1
 """
@@ -53,7 +54,9 @@ class StepMarks(LazyRedis):
         return f"{prefix}:{operation_id}"
 
     def record(self, operation_id: str, path: str) -> bool:
-        """Mark step ``path`` done; False, marking nothing, once the operation's chains were stopped."""
+        """Mark step ``path`` done; False, marking nothing, once the operation's chains were stopped or when
+        the step is marked already. The caller then records the step in the database, which finds it ended
+        or done and starts nothing."""
         if self._record_script is None:
             self._record_script = self.client.register_script(_RECORD)
         key = self._key(operation_id)
@@ -69,6 +72,10 @@ class StepMarks(LazyRedis):
         """Refuse every later mark of the operation: its running chains stop before their next step. Kept
         until it expires: a chain may be in the middle of a long step when the operation ends."""
         self.client.set(f"{self._key(operation_id)}:stopped", 1, ex=MARKS_TTL_S)
+
+    def unmark(self, operation_id: str, path: str) -> None:
+        """Take back the mark of a step that turned out to be a duplicate (see ``OperationTransitions``)."""
+        self.client.hdel(self._key(operation_id), path)
 
     def forget(self, operation_id: str) -> None:
         """The operation has ended and its marks are in the database: drop them (they would expire anyway)."""

@@ -231,15 +231,30 @@ class OperationTransitions(Middleware):
         if plan is not None and following is not None:
             # In the middle of a sequence, what follows is known from the plan. When this worker runs it next,
             # a mark in Redis records this step (see middleware.step_marks): no transaction, and on SQLite no
-            # turn at the one writer. Refused once the operation is being ended: recorded below then.
+            # turn at the one writer. Refused once the operation is being ended, or when another copy of the
+            # step marked it first: recorded below then, which finds it ended or done and starts nothing.
             progress = Progress(outgoing_of(plan, following), plan=plan)
             successor = self.chain.successor(broker, message, progress)
             if successor is not None and self.marks.record(operation_id, path):
-                return progress, successor
+                if self.chain.is_chained(message) or self._still_to_record(operation_id, path):
+                    return progress, successor
+                self.marks.unmark(operation_id, path)
+                logger.info(
+                    "step %s of operation %s completed twice; the second completion is ignored", path, operation_id
+                )
+                return Progress([]), None
         marked = self.marks.paths(operation_id)
         with self.sessions() as session:
             progress = complete_step(session, operation_id, path, marked)
         return progress, self.chain.successor(broker, message, progress)
+
+    def _still_to_record(self, operation_id: str, path: str) -> bool:
+        """After marking a delivered step: does its operation still run, without a record of the step? A copy
+        of the step delivered twice (a resent outbox row) may have run beside this one, finished first, been
+        recorded in the database, and even ended the operation, its marks then dropped. A chained step needs
+        no such read: it follows the one record of its predecessor."""
+        with self.read_sessions() as session:
+            return check_step(session, operation_id, path).skip is None
 
     def _record_failure(self, message: Message[Any], operation_id: str, exception: BaseException) -> str | None:
         """Fail the operation and stage its failure callbacks and the slot's release in the outbox, in one

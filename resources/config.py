@@ -304,7 +304,13 @@ def _environment_snapshot() -> dict[Any, Any]:
 
 def _directory_that_matters() -> str | None:
     """The working directory, when the data directory is relative to it; None when it cannot matter."""
-    return None if Path(os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR).is_absolute() else os.getcwd()
+    return None if _is_absolute(os.environ.get("JOBS_DATA_DIR") or str(DEFAULT_DATA_DIR)) else os.getcwd()
+
+
+@functools.lru_cache(maxsize=16)
+def _is_absolute(path: str) -> bool:
+    # Cached: get_settings runs dozens of times per operation, and building a Path is most of its cost.
+    return Path(path).is_absolute()
 
 
 def get_settings() -> Settings:

@@ -7,8 +7,10 @@ the queue may be delivered next (reordering), a delivery may leave a copy behind
 step finishes in any order with the others, and may fail for good. Each delivery goes through
 ``check_step`` (before the step) and then ``complete_step`` or ``fail_operation`` (after it), each in a
 transaction of its own, as the OperationTransitions middleware calls them; what they return is sent after
-the commit. A small model — which steps are done, which were sent, whether the operation has ended —
-predicts every answer.
+the commit. A step in the middle of a sequence may instead be marked done in Redis, as a worker that runs
+its successor itself does (``step_marks``); the marks go with every call, and ``fail_operation`` is preceded
+by stopping the operation's chains. A small model — which steps are done, which were sent, whether the
+operation has ended — predicts every answer.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from jobs.actors import error_state_transition, state_transition
-from middleware.plan import OPTION_NODE, PlanBuilder, node_at, step_paths
-from middleware.progress import Progress, check_step, complete_step, fail_operation, first_steps
+from middleware.plan import OPTION_NODE, PlanBuilder, next_in_sequence, node_at, step_paths
+from middleware.progress import Progress, check_step, complete_step, fail_operation, first_steps, outgoing_of
+from middleware.step_marks import StepMarks
 from resources.db import read_scope, session_scope
 from resources.models import Operation, OperationStatus, StepDone, new_uuid
 from tests.fixtures import reset_database
@@ -155,11 +158,15 @@ def send(run: Run, progress: Progress, queue: list[Message]) -> None:
     assert run.ended or not sendable, f"steps {sorted(sendable)} may run but were not sent"
 
 
+marks = StepMarks()
+
+
 def deliver(run: Run, message: Message) -> bool:
     """The middleware's check before a step; True when the step runs."""
     path = path_of(message)
+    marked = marks.paths(run.operation_id)
     with read_scope() as session:
-        check = check_step(session, run.operation_id, path)
+        check = check_step(session, run.operation_id, path, marked)
     if run.ended:
         assert check.skip is not None and check.ended, f"step {path} ran after its operation ended"
     else:
@@ -168,10 +175,28 @@ def deliver(run: Run, message: Message) -> bool:
     return check.skip is None
 
 
-def succeed(run: Run, message: Message, queue: list[Message]) -> None:
+def succeed(run: Run, message: Message, queue: list[Message], chain: bool) -> None:
+    """A step succeeded. With ``chain``, a step in the middle of a sequence is marked in Redis, as a worker
+    that runs its successor next does, unless the operation's chains were stopped."""
     path = path_of(message)
+    following = next_in_sequence(run.plan["root"], path)
+    if chain and following is not None and marks.record(run.operation_id, path):
+        # As OperationTransitions does after marking a delivered step: go on only if the database has
+        # neither ended the operation nor recorded the step (a copy that ran beside this one).
+        with read_scope() as session:
+            goes_on = check_step(session, run.operation_id, path).skip is None
+        if goes_on:
+            assert not run.ended, f"step {path} went on after its operation ended"
+            assert path not in run.done, f"step {path} completed twice and went on twice"
+            run.done.add(path)
+            send(run, Progress(outgoing_of(run.plan, following)), queue)
+            return
+        marks.unmark(run.operation_id, path)
+        assert run.ended or path in run.done, f"step {path} was held back, but it was new and its operation ran"
+        return
+    marked = marks.paths(run.operation_id)
     with session_scope() as session:
-        progress = complete_step(session, run.operation_id, path)
+        progress = complete_step(session, run.operation_id, path, marked)
     if run.ended or path in run.done:  # a step that ran twice, or finished after the end: nothing follows
         assert progress == Progress([]), f"the second completion of {path} answered {progress}"
         return
@@ -189,8 +214,12 @@ def fail(run: Run, message: Message) -> None:
             for party in run.plan["parties"]
             if party["path"] is None or not run.node_done(party["path"])
         }
+    marks.stop_chains(run.operation_id)
+    marked = marks.paths(run.operation_id)
     with session_scope() as session:
-        progress = fail_operation(session, run.operation_id, message.actor_name, "boom", "Traceback: boom")
+        progress = fail_operation(
+            session, run.operation_id, message.actor_name, "boom", "Traceback: boom", marked=marked
+        )
     run.callbacks.append([item.message.message_id for item in progress.outgoing])
     if run.ended:
         assert progress == Progress([]), f"a failure after the end answered {progress}"
@@ -222,7 +251,7 @@ def play(shape: Any, data: st.DataObject) -> Run:
             if may_fail and data.draw(st.sampled_from(["succeeds", "succeeds", "fails"]), label="outcome") == "fails":
                 fail(run, message)
             else:
-                succeed(run, message, queue)
+                succeed(run, message, queue, data.draw(st.booleans(), label="runs its successor next"))
     return run
 
 
@@ -277,7 +306,7 @@ def test_progress_under_duplicates_reordering_and_failures(schema, shape, data):
     # Late deliveries of every step, and late outcomes: all skipped, nothing changes.
     for path in sorted(run.steps):
         with read_scope() as session:
-            check = check_step(session, run.operation_id, path)
+            check = check_step(session, run.operation_id, path, marks.paths(run.operation_id))
         assert check.skip is not None and check.ended
         with session_scope() as session:
             assert complete_step(session, run.operation_id, path) == Progress([])

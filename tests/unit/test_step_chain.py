@@ -25,14 +25,16 @@ from middleware.progress import complete_step, pending_after
 from middleware.transient import retry_transient
 from resources.db import session_scope
 from resources.logs import current_log_fields
-from resources.models import OperationStatus, Resource, StepDone
-from tests.fixtures import drain, make_instance, make_tenant
+from resources.models import Operation, OperationStatus, Resource, StepDone
+from tests.fixtures import drain, make_instance, make_tenant, wait_for
 
 ran: list[tuple[str, str | None]] = []
 #: The throttle grant each step ran under, by label.
 fences: dict[str, int | None] = {}
 ran_lock = threading.Lock()
 blipped: set[str] = set()
+#: Whether the first copy of a "twin" step has started.
+twin_started = [False]
 #: What the database and Redis's marks had recorded of its operation when a "look" step ran.
 seen_done: list[set[str]] = []
 #: What the database alone had recorded then.
@@ -53,6 +55,14 @@ def chain_probe(label: str, behaviour: str = "") -> None:
     elif behaviour == "look":
         seen_done.append(recorded_paths(current_step().operation_id or ""))
         seen_in_database.append(done_paths(current_step().operation_id or ""))
+    elif behaviour == "twin":
+        # Two copies of this step run side by side: the one that started first finishes only once the other
+        # has run the whole operation to its end.
+        with ran_lock:
+            waits, twin_started[0] = not twin_started[0], True
+        if waits:
+            operation_id = current_step().operation_id or ""
+            wait_for(lambda: operation_status(operation_id) != OperationStatus.RUNNING, timeout_s=30)
     elif behaviour == "blip" and label not in blipped:
         blipped.add(label)
         raise sql_errors.OperationalError("UPDATE ...", {}, Exception("database is locked"))
@@ -110,6 +120,7 @@ def enqueues(stub_broker: Any) -> Any:
     ran.clear()
     fences.clear()
     blipped.clear()
+    twin_started[0] = False
     seen_done.clear()
     seen_in_database.clear()
     counter = CountEnqueues()
@@ -122,6 +133,11 @@ def done_paths(operation_id: str) -> set[str]:
     """The steps the database has recorded."""
     with session_scope() as session:
         return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
+
+
+def operation_status(operation_id: str) -> str:
+    with session_scope() as session:
+        return session.scalars(select(Operation.status).where(Operation.id == operation_id)).one()
 
 
 def done_times(operation_id: str) -> dict[str, Any]:
@@ -308,6 +324,26 @@ def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_mark(stub_bro
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert labels() == ["s3", "s4"]
     assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
+
+
+def test_a_copy_of_a_step_finishing_after_its_operation_ended_starts_nothing(stub_broker, enqueues, request):
+    # Given two copies of an operation's first step in the queue (its outbox row sent twice: a sender killed
+    # between its send and its mark), the first to start finishing only after the other ran the operation
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = SequenceExecutor.execute(instance, behaviours=["twin", "", ""])
+    first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
+    stub_broker.queues[queues.DEFAULT].task_done()
+    stub_broker.enqueue(first)
+    stub_broker.enqueue(first)
+
+    # When both run
+    request.getfixturevalue("stub_worker")
+    drain(stub_broker)
+
+    # Then the late copy's completion started nothing: the steps after it ran once, and no mark is left
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert sorted(labels()) == ["s0", "s0", "s1", "s2"]
+    assert StepMarks().paths(handle.id) == {}
 
 
 def test_the_steps_still_to_run_are_found_through_recorded_steps() -> None:

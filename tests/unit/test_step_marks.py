@@ -50,3 +50,17 @@ def test_forgetting_an_operations_marks_keeps_its_chains_stopped() -> None:
     # Then they are gone, and a chain still in the middle of a long step cannot mark one again
     assert marks.paths(operation_id) == {}
     assert marks.record(operation_id, "1") is False
+
+
+def test_a_step_marked_already_is_refused() -> None:
+    # Given a step that one copy of it marked done (two copies of it ran side by side)
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0")
+    first = marks.paths(operation_id)["0"]
+
+    # When the other copy finishes and marks it too
+    accepted = marks.record(operation_id, "0")
+
+    # Then it is refused, so only the first goes on to the next step, and the first's completion time stays
+    assert accepted is False
+    assert marks.paths(operation_id) == {"0": first}
