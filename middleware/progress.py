@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from dramatiq import Broker, Message
-from sqlalchemy import literal, select
+from sqlalchemy import insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from resources.metrics import operation_ended
+from resources.metrics import operation_ended, operation_ended_as
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.transitions import record_error
 
@@ -175,23 +175,33 @@ def complete_step(
     session: Session, operation_id: str, path: str, marked: Mapping[str, datetime] = NO_MARKS
 ) -> Progress:
     """Record step ``path`` as done, with the steps ``marked`` before it, and return what to enqueue next
-    (nothing for a duplicate)."""
-    operation = _locked(session, operation_id)
-    if operation is None or operation.status != OperationStatus.RUNNING:
+    (nothing for a duplicate). Once per operation and step: statements on columns, not ORM objects, whose
+    bookkeeping would cost more than the statements."""
+    row = session.execute(
+        select(Operation.status, Operation.plan, Operation.executor, Operation.created_at)
+        .where(Operation.id == operation_id)
+        .with_for_update()
+    ).one_or_none()
+    if row is None or row.status != OperationStatus.RUNNING:
         return Progress([])
     recorded = _recorded_paths(session, operation_id)
     if path in recorded or path in marked:
         logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
         return Progress([])
-    _copy_marks(session, operation_id, marked, recorded)
-    step = advance(operation.plan["root"], recorded | set(marked), path)
-    session.add_all(StepDone(operation_id=operation_id, path=p) for p in step.completed)
+    step = advance(row.plan["root"], recorded | set(marked), path)
+    now = utcnow()
+    rows = [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items() if p not in recorded]
+    rows.extend({"operation_id": operation_id, "path": p, "done_at": now} for p in step.completed)
+    session.execute(insert(StepDone), rows)
     if step.finished:
-        operation.status = OperationStatus.SUCCEEDED
-        operation.finished_at = utcnow()
-        operation_ended(session, operation)
-        logger.info("operation %s (%s) succeeded", operation_id, operation.executor)
-    return Progress(outgoing_of(operation.plan, step.start), ended=step.finished, plan=operation.plan)
+        session.execute(
+            update(Operation)
+            .where(Operation.id == operation_id)
+            .values(status=OperationStatus.SUCCEEDED, finished_at=now)
+        )
+        operation_ended_as(session, row.executor, OperationStatus.SUCCEEDED, row.created_at, now)
+        logger.info("operation %s (%s) succeeded", operation_id, row.executor)
+    return Progress(outgoing_of(row.plan, step.start), ended=step.finished, plan=row.plan)
 
 
 def fail_operation(

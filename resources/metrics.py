@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
@@ -39,6 +40,7 @@ __all__ = [
     "handoff_started",
     "janitor_rescued",
     "operation_ended",
+    "operation_ended_as",
     "outbox_relayed",
     "transition_applied",
 ]
@@ -149,8 +151,14 @@ def _safely(record: Callable[[], None]) -> None:
 
 def operation_ended(session: Session, operation: Operation) -> None:
     """The operation has just ended in ``session``'s transaction; counted once that commits."""
-    executor, outcome = operation.executor, operation.status
-    duration_s = (operation.finished_at - operation.created_at).total_seconds() if operation.finished_at else 0.0
+    operation_ended_as(session, operation.executor, operation.status, operation.created_at, operation.finished_at)
+
+
+def operation_ended_as(
+    session: Session, executor: str, outcome: str, created_at: datetime, finished_at: datetime | None
+) -> None:
+    """``operation_ended`` for a caller that has the operation's columns rather than its object."""
+    duration_s = (finished_at - created_at).total_seconds() if finished_at else 0.0
 
     def record() -> None:
         metrics = get_metrics()
