@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from dramatiq import Broker, Message
-from sqlalchemy import insert, literal, select, update
+from sqlalchemy import Connection, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from resources.metrics import operation_ended, operation_ended_as
@@ -110,7 +110,7 @@ def _locked(session: Session, operation_id: str) -> Operation | None:
     return session.scalars(select(Operation).where(Operation.id == operation_id).with_for_update()).one_or_none()
 
 
-def _recorded_paths(session: Session, operation_id: str) -> set[str]:
+def _recorded_paths(session: Session | Connection, operation_id: str) -> set[str]:
     return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
 
 
@@ -121,7 +121,7 @@ def _copy_marks(session: Session, operation_id: str, marked: Mapping[str, dateti
 
 
 def check_step(
-    session: Session, operation_id: str, path: str | None, marked: Mapping[str, datetime] = NO_MARKS
+    session: Session | Connection, operation_id: str, path: str | None, marked: Mapping[str, datetime] = NO_MARKS
 ) -> StepCheck:
     """May step ``path`` of this operation run now? Not when its operation has ended, nor when it has
     completed already (a duplicate delivery, or a redelivery after a crash: see ``StepCheck.follow_up``).
@@ -148,7 +148,7 @@ def check_step(
 
 
 def _follow_up(
-    session: Session, operation_id: str, plan: dict, path: str, marked: Mapping[str, datetime]
+    session: Session | Connection, operation_id: str, plan: dict, path: str, marked: Mapping[str, datetime]
 ) -> list[Outgoing]:
     """The steps that the completion of ``path`` started and that have not completed yet. A started step
     that has completed was chained (run by the same worker, never sent): what it started is followed too."""

@@ -19,10 +19,11 @@ from typing import Any
 import dramatiq
 from dramatiq import Message
 from dramatiq.middleware import Middleware, SkipMessage
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from resources.config import get_settings
-from resources.db import read_scope, session_scope
+from resources.db import read_connection, session_scope
 from resources.models import OperationStatus
 
 from .chain import StepChain
@@ -92,7 +93,7 @@ class OperationTransitions(Middleware):
         self,
         sessions: Callable[[], AbstractContextManager[Session]] = session_scope,
         throttle: Throttle | None = None,
-        read_sessions: Callable[[], AbstractContextManager[Session]] = read_scope,
+        read_sessions: Callable[[], AbstractContextManager[Session | Connection]] = read_connection,
         chain_budget_s: float | None = None,
         marks: StepMarks | None = None,
     ) -> None:
