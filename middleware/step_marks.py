@@ -18,6 +18,7 @@ end was then rolled back only stops chaining (its next step goes through the bro
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import UTC, datetime
 
 from redis.commands.core import Script
@@ -31,19 +32,23 @@ __all__ = ["MARKS_TTL_S", "StepMarks"]
 #: Longer than the longest delay Dramatiq allows (7 days): marks outlive the message that may act on them.
 MARKS_TTL_S = 8 * 24 * 3600
 
-# Mark a step done (its completion time as the value), unless the operation's chains were stopped or the
-# step is marked already (two copies of it ran side by side: only the first to finish goes on).
+# Mark a step done ("<completion time> <marker>" as the value), unless the operation's chains were stopped or
+# another marker marked the step already (two copies of it ran side by side: only the first to finish goes
+# on). The same marker marking again is accepted: its first call may have lost its reply.
 _RECORD = """
 if redis.call('exists', KEYS[2]) == 1 then return 0 end
-if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('expire', KEYS[1], ARGV[3])
+if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3]) == 0 then
+  local current = redis.call('hget', KEYS[1], ARGV[1])
+  if string.match(current, ' (%S+)$') ~= ARGV[3] then return 0 end
+end
+redis.call('expire', KEYS[1], ARGV[4])
 return 1
 """
 
 
 class StepMarks(LazyRedis):
     """The marked steps of each operation: ``<namespace>:steps:<operation id>`` (a hash of plan path →
-    completion time) and its stop flag (``…:stopped``)."""
+    completion time and marker) and its stop flag (``…:stopped``)."""
 
     def __init__(self, prefix: str | None = None) -> None:
         self._prefix = prefix
@@ -53,20 +58,23 @@ class StepMarks(LazyRedis):
         prefix = self._prefix or f"{get_settings().namespace}:steps"
         return f"{prefix}:{operation_id}"
 
-    def record(self, operation_id: str, path: str) -> bool:
+    def record(self, operation_id: str, path: str, marker: str | None = None) -> bool:
         """Mark step ``path`` done; False, marking nothing, once the operation's chains were stopped or when
-        the step is marked already. The caller then records the step in the database, which finds it ended
-        or done and starts nothing."""
+        another ``marker`` (a name for this completion of the step: the same on a retry of the call, another
+        for each copy of the step) marked it already. The caller then records the step in the database,
+        which finds it ended or done and starts nothing."""
         if self._record_script is None:
             self._record_script = self.client.register_script(_RECORD)
         key = self._key(operation_id)
-        marked = self._record_script(keys=[key, f"{key}:stopped"], args=[path, repr(time.time()), MARKS_TTL_S])
+        marked = self._record_script(
+            keys=[key, f"{key}:stopped"], args=[path, repr(time.time()), marker or uuid.uuid4().hex, MARKS_TTL_S]
+        )
         return bool(marked)
 
     def paths(self, operation_id: str) -> dict[str, datetime]:
         """The operation's marked steps, with the time (naive UTC, as the models store it) each completed."""
         marks = self.client.hgetall(self._key(operation_id))
-        return {path: datetime.fromtimestamp(float(at), UTC).replace(tzinfo=None) for path, at in marks.items()}
+        return {path: _completed_at(value) for path, value in marks.items()}
 
     def stop_chains(self, operation_id: str) -> None:
         """Refuse every later mark of the operation: its running chains stop before their next step. Kept
@@ -80,3 +88,7 @@ class StepMarks(LazyRedis):
     def forget(self, operation_id: str) -> None:
         """The operation has ended and its marks are in the database: drop them (they would expire anyway)."""
         self.client.delete(self._key(operation_id))
+
+
+def _completed_at(value: str) -> datetime:
+    return datetime.fromtimestamp(float(value.split(" ", 1)[0]), UTC).replace(tzinfo=None)

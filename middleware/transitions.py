@@ -12,6 +12,7 @@ import contextvars
 import dataclasses
 import logging
 import traceback
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -199,8 +200,13 @@ class OperationTransitions(Middleware):
             deliver(broker, outbox_id, operation_id)
             forget_marks(broker, operation_id, self.marks)
             return
+        # Decided once: a retry of the record after its mark must not change its mind (say, the worker began
+        # to shut down meanwhile), or it would find its own mark and take the step for a duplicate.
+        chained_next = self._chained_next(broker, message, path)
+        marker = uuid.uuid4().hex  # this completion's name in its step mark, the same through every retry
         progress, successor = retry_in_place(
-            lambda: self._record_success(broker, message, operation_id, path), f"recording {what}"
+            lambda: self._record_success(broker, message, operation_id, path, chained_next, marker),
+            f"recording {what}",
         )
         if successor is not None:
             self.chain.run(broker, successor, progress, fence=fence)
@@ -219,31 +225,43 @@ class OperationTransitions(Middleware):
             )
             retry_in_place(lambda: self._stage(operation_id, progress), f"keeping what follows {what} for the relay")
 
-    def _record_success(
-        self, broker: dramatiq.Broker, message: Message[Any], operation_id: str, path: str
-    ) -> tuple[Progress, Message[Any] | None]:
-        """Record the step; return what follows it, and the step this worker runs next (None: send it)."""
+    def _chained_next(
+        self, broker: dramatiq.Broker, message: Message[Any], path: str
+    ) -> tuple[Progress, Message[Any]] | None:
+        """When step ``path`` is in the middle of a sequence and this worker will run the step after it: what
+        its completion leads to, and that step. The plan says what follows; nothing is read."""
         if self.chain.is_chained(message):
             plan = self.chain.plan
         else:
             checked = _CHECKED_PLAN.get(None)
             plan = checked[1] if checked is not None and checked[0] == message.message_id else None
         following = next_in_sequence(plan["root"], path) if plan is not None else None
-        if plan is not None and following is not None:
-            # In the middle of a sequence, what follows is known from the plan. When this worker runs it next,
-            # a mark in Redis records this step (see middleware.step_marks): no transaction, and on SQLite no
-            # turn at the one writer. Refused once the operation is being ended, or when another copy of the
-            # step marked it first: recorded below then, which finds it ended or done and starts nothing.
-            progress = Progress(outgoing_of(plan, following), plan=plan)
-            successor = self.chain.successor(broker, message, progress)
-            if successor is not None and self.marks.record(operation_id, path):
-                if self.chain.is_chained(message) or self._still_to_record(operation_id, path):
-                    return progress, successor
-                self.marks.unmark(operation_id, path)
-                logger.info(
-                    "step %s of operation %s completed twice; the second completion is ignored", path, operation_id
-                )
-                return Progress([]), None
+        if plan is None or following is None:
+            return None
+        progress = Progress(outgoing_of(plan, following), plan=plan)
+        successor = self.chain.successor(broker, message, progress)
+        return None if successor is None else (progress, successor)
+
+    def _record_success(
+        self,
+        broker: dramatiq.Broker,
+        message: Message[Any],
+        operation_id: str,
+        path: str,
+        chained_next: tuple[Progress, Message[Any]] | None,
+        marker: str,
+    ) -> tuple[Progress, Message[Any] | None]:
+        """Record the step; return what follows it, and the step this worker runs next (None: send it)."""
+        # When the step after this one runs here next, a mark in Redis records this one (see
+        # middleware.step_marks): no transaction, and on SQLite no turn at the one writer. Refused once the
+        # operation is being ended, or when another copy of the step marked it first: recorded below then, which
+        # finds it ended or done and starts nothing.
+        if chained_next is not None and self.marks.record(operation_id, path, marker):
+            if self.chain.is_chained(message) or self._still_to_record(operation_id, path):
+                return chained_next
+            self.marks.unmark(operation_id, path)
+            logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
+            return Progress([]), None
         marked = self.marks.paths(operation_id)
         with self.sessions() as session:
             progress = complete_step(session, operation_id, path, marked)

@@ -346,6 +346,38 @@ def test_a_copy_of_a_step_finishing_after_its_operation_ended_starts_nothing(stu
     assert StepMarks().paths(handle.id) == {}
 
 
+def test_a_database_blip_after_a_step_was_marked_is_retried_and_the_chain_goes_on(
+    stub_broker, enqueues, stub_worker, monkeypatch
+):
+    # Given a database that fails once when the first step, just marked, confirms its operation still runs
+    blip = fail_once(sql_errors.OperationalError("SELECT ...", {}, Exception("database is locked")))
+    monkeypatch.setattr(OperationTransitions, "_still_to_record", blip(OperationTransitions._still_to_record))
+
+    # When a three-step sequence runs
+    handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=[""] * 3)
+    drain(stub_broker)
+
+    # Then the retried record took its own mark as its own, and the chain went on: each step ran once
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert enqueues.sent == ["s0"]
+    assert labels() == ["s0", "s1", "s2"]
+
+
+def fail_once(error: Exception) -> Any:
+    def wrap(real: Any) -> Any:
+        calls = [0]
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise error
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    return wrap
+
+
 def test_the_steps_still_to_run_are_found_through_recorded_steps() -> None:
     # A sequence of three steps and a group of two: what step 0's completion led to, given what is done
     root = {

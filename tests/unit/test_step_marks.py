@@ -64,3 +64,18 @@ def test_a_step_marked_already_is_refused() -> None:
     # Then it is refused, so only the first goes on to the next step, and the first's completion time stays
     assert accepted is False
     assert marks.paths(operation_id) == {"0": first}
+
+
+def test_the_same_marker_marking_again_is_accepted() -> None:
+    # Given a step marked by one completion, whose call is then retried (its reply was lost, or what came
+    # after it failed for a moment)
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0", marker="first-copy")
+
+    # When that completion marks it again, and another copy's completion tries too
+    again = marks.record(operation_id, "0", marker="first-copy")
+    other = marks.record(operation_id, "0", marker="second-copy")
+
+    # Then the retry goes on, and the other copy is refused
+    assert again is True
+    assert other is False
