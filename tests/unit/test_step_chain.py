@@ -284,43 +284,33 @@ def test_a_chain_stops_at_its_time_budget(stub_broker, enqueues, stub_worker, mo
     assert enqueues.sent == ["s0", "s2"]
 
 
-def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_record(stub_broker, enqueues, request):
-    # Given a five-step operation whose worker recorded step 0, then steps 1 and 2 that it chained, and was
-    # killed during step 3, its first message unacknowledged (no worker has consumed anything yet)
-    instance = make_instance(make_tenant(), volumes=0)
-    handle = SequenceExecutor.execute(instance, behaviours=[""] * 5)
-    first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
-    stub_broker.queues[queues.DEFAULT].task_done()
-    for path in (first.options[OPTION_NODE], "1", "2"):
+def record(operation_id: str, path: str, where: str) -> None:
+    """Record step ``path`` as a worker does: in the database, or marked in Redis by a chain."""
+    if where == "database":
         with session_scope() as session:
-            complete_step(session, handle.id, path)
-
-    # When the broker delivers that first message again
-    request.getfixturevalue("stub_worker")
-    stub_broker.enqueue(first)
-    drain(stub_broker)
-
-    # Then the operation went on from step 3, and no recorded step ran again
-    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
-    assert labels() == ["s3", "s4"]
+            complete_step(session, operation_id, path)
+    else:
+        assert StepMarks().record(operation_id, path)
 
 
-def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_mark(stub_broker, enqueues, request):
-    # Given a five-step operation whose worker ran steps 0, 1 and 2 as one chain, marking each in Redis, and
-    # was killed during step 3, its first message unacknowledged (no worker has consumed anything yet)
+@pytest.mark.parametrize("where", ["database", "redis"])
+def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_record(stub_broker, enqueues, request, where):
+    # Given a five-step operation whose worker recorded step 0, then steps 1 and 2 that it chained (in the
+    # database, or as marks in Redis), and was killed during step 3, its first message unacknowledged (no
+    # worker has consumed anything yet)
     instance = make_instance(make_tenant(), volumes=0)
     handle = SequenceExecutor.execute(instance, behaviours=[""] * 5)
     first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
     stub_broker.queues[queues.DEFAULT].task_done()
     for path in (first.options[OPTION_NODE], "1", "2"):
-        assert StepMarks().record(handle.id, path)
+        record(handle.id, path, where)
 
     # When the broker delivers that first message again
     request.getfixturevalue("stub_worker")
     stub_broker.enqueue(first)
     drain(stub_broker)
 
-    # Then the operation went on from step 3, no marked step ran again, and the database has every step
+    # Then the operation went on from step 3, no recorded step ran again, and the database has every step
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert labels() == ["s3", "s4"]
     assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
