@@ -114,10 +114,9 @@ def _recorded_paths(session: Session | Connection, operation_id: str) -> set[str
     return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
 
 
-def _copy_marks(session: Session, operation_id: str, marked: Mapping[str, datetime], recorded: set[str]) -> None:
-    """Write the marked steps the database does not have yet, with the time each completed."""
-    new = {path: at for path, at in marked.items() if path not in recorded}
-    session.add_all(StepDone(operation_id=operation_id, path=path, done_at=at) for path, at in new.items())
+def _rows_of_marks(operation_id: str, marked: Mapping[str, datetime], recorded: set[str]) -> list[dict]:
+    """StepDone rows for the marked steps the database does not have yet, with the time each completed."""
+    return [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items() if p not in recorded]
 
 
 def check_step(
@@ -190,7 +189,7 @@ def complete_step(
         return Progress([])
     step = advance(row.plan["root"], recorded | set(marked), path)
     now = utcnow()
-    rows = [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items() if p not in recorded]
+    rows = _rows_of_marks(operation_id, marked, recorded)
     rows.extend({"operation_id": operation_id, "path": p, "done_at": now} for p in step.completed)
     session.execute(insert(StepDone), rows)
     if step.finished:
@@ -228,7 +227,8 @@ def fail_operation(
     operation.error_traceback = error_traceback
     operation_ended(session, operation)
     recorded = _recorded_paths(session, operation_id)
-    _copy_marks(session, operation_id, marked, recorded)
+    if rows := _rows_of_marks(operation_id, marked, recorded):
+        session.execute(insert(StepDone), rows)
     done = recorded | set(marked)
     callbacks: list[Outgoing] = []
     for party in operation.plan["parties"]:
