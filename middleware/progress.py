@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from dramatiq import Broker, Message
-from sqlalchemy import Connection, insert, literal, select, update
+from sqlalchemy import Connection, bindparam, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from resources.metrics import operation_ended, operation_ended_as
@@ -110,8 +110,46 @@ def _locked(session: Session, operation_id: str) -> Operation | None:
     return session.scalars(select(Operation).where(Operation.id == operation_id).with_for_update()).one_or_none()
 
 
+# The statements run for every step, built once and on the tables rather than the mapped classes: building a
+# statement, and the ORM's handling of one, cost more than running it on SQLite (SQLAlchemy caches the
+# compiled form, not the expression).
+_OPERATIONS = Operation.__table__
+_STEPS_DONE = StepDone.__table__
+_RECORDED_PATHS = select(_STEPS_DONE.c.path).where(_STEPS_DONE.c.operation_id == bindparam("operation_id"))
+_CHECK = select(
+    _OPERATIONS.c.status,
+    select(_STEPS_DONE.c.path)
+    .where(_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
+    .exists(),
+    _OPERATIONS.c.plan,
+).where(_OPERATIONS.c.id == bindparam("operation_id"))
+_CHECK_NO_PATH = select(_OPERATIONS.c.status, literal(False), _OPERATIONS.c.plan).where(
+    _OPERATIONS.c.id == bindparam("operation_id")
+)
+_LOCK_RUNNING = (
+    select(_OPERATIONS.c.status, _OPERATIONS.c.plan, _OPERATIONS.c.executor, _OPERATIONS.c.created_at)
+    .where(_OPERATIONS.c.id == bindparam("operation_id"))
+    .with_for_update()
+)
+# Not evaluated on the session's objects, as the ORM's update would: see _expire_loaded.
+_SUCCEED = (
+    update(_OPERATIONS)
+    .where(_OPERATIONS.c.id == bindparam("operation_id"))
+    .values(status=OperationStatus.SUCCEEDED, finished_at=bindparam("finished_at"))
+)
+_INSERT_STEPS = insert(_STEPS_DONE)
+
+
+def _expire_loaded(session: Session, operation_id: str) -> None:
+    """After an update that bypassed the session's objects: a loaded Operation (a sync-mode executor's, in
+    the caller's session) is read again on its next use instead of keeping its old status."""
+    loaded = session.identity_map.get(session.identity_key(Operation, operation_id))
+    if loaded is not None:
+        session.expire(loaded, ["status", "finished_at"])
+
+
 def _recorded_paths(session: Session | Connection, operation_id: str) -> set[str]:
-    return set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
+    return set(session.scalars(_RECORDED_PATHS, {"operation_id": operation_id}))
 
 
 def _rows_of_marks(operation_id: str, marked: Mapping[str, datetime], recorded: set[str]) -> list[dict]:
@@ -125,12 +163,10 @@ def check_step(
     """May step ``path`` of this operation run now? Not when its operation has ended, nor when it has
     completed already (a duplicate delivery, or a redelivery after a crash: see ``StepCheck.follow_up``).
     One query in the common case: the step is new (its answer has the plan)."""
-    done_here = select(StepDone.path).where(StepDone.operation_id == operation_id, StepDone.path == path)
-    row = session.execute(
-        select(Operation.status, done_here.exists() if path is not None else literal(False), Operation.plan).where(
-            Operation.id == operation_id
-        )
-    ).one_or_none()
+    if path is None:
+        row = session.execute(_CHECK_NO_PATH, {"operation_id": operation_id}).one_or_none()
+    else:
+        row = session.execute(_CHECK, {"operation_id": operation_id, "path": path}).one_or_none()
     if row is None:
         return StepCheck(skip=f"operation {operation_id} does not exist", ended=True)
     status, completed, plan = row
@@ -176,11 +212,7 @@ def complete_step(
     """Record step ``path`` as done, with the steps ``marked`` before it, and return what to enqueue next
     (nothing for a duplicate). Once per operation and step: statements on columns, not ORM objects, whose
     bookkeeping would cost more than the statements."""
-    row = session.execute(
-        select(Operation.status, Operation.plan, Operation.executor, Operation.created_at)
-        .where(Operation.id == operation_id)
-        .with_for_update()
-    ).one_or_none()
+    row = session.execute(_LOCK_RUNNING, {"operation_id": operation_id}).one_or_none()
     if row is None or row.status != OperationStatus.RUNNING:
         return Progress([])
     recorded = _recorded_paths(session, operation_id)
@@ -191,13 +223,10 @@ def complete_step(
     now = utcnow()
     rows = _rows_of_marks(operation_id, marked, recorded)
     rows.extend({"operation_id": operation_id, "path": p, "done_at": now} for p in step.completed)
-    session.execute(insert(StepDone), rows)
+    session.execute(_INSERT_STEPS, rows)
     if step.finished:
-        session.execute(
-            update(Operation)
-            .where(Operation.id == operation_id)
-            .values(status=OperationStatus.SUCCEEDED, finished_at=now)
-        )
+        session.execute(_SUCCEED, {"operation_id": operation_id, "finished_at": now})
+        _expire_loaded(session, operation_id)
         operation_ended_as(session, row.executor, OperationStatus.SUCCEEDED, row.created_at, now)
         logger.info("operation %s (%s) succeeded", operation_id, row.executor)
     return Progress(outgoing_of(row.plan, step.start), ended=step.finished, plan=row.plan)
