@@ -72,3 +72,23 @@ def test_completing_the_same_step_twice_moves_on_once(stub_broker):
     # Then only the first moves the operation on
     assert len(first.outgoing) == 1
     assert second.outgoing == []
+
+
+def test_the_last_record_leaves_an_operation_loaded_in_the_session_current(stub_broker):
+    # Given an operation, loaded as an object by the session that records the step (a sync-mode
+    # caller's session, or a step's own work, may hold it)
+    instance = make_instance(make_tenant(), volumes=0)
+    handle = InstanceCreateExecutor.execute(instance)
+    with session_scope() as session:
+        operation = session.get(Operation, handle.id)
+        steps = [item.message.options[OPTION_NODE] for item in first_steps(operation.plan)]
+        assert operation.status == "running"
+
+        # When its steps are recorded in that session, the last one ending it
+        while steps:
+            progress = complete_step(session, handle.id, steps.pop())
+            steps.extend(item.message.options[OPTION_NODE] for item in progress.outgoing)
+
+        # Then the object shows the end, not the status it was loaded with
+        assert progress.ended
+        assert (operation.status, operation.finished_at is not None) == ("succeeded", True)
