@@ -111,19 +111,23 @@ class InFlight(LazyRedis, Middleware):
         """The broker has taken these messages of the operation (a completed step's successors)."""
         if not message_ids:
             return
-        key = f"{self._key(operation_id)}:sent"
+        key = self.sent_key(operation_id)
         with self.client.pipeline(transaction=False) as pipe:
             pipe.sadd(key, *message_ids)
             pipe.expire(key, SET_TTL_S)
             pipe.execute()
 
+    def sent_key(self, operation_id: str) -> str:
+        """Where ``mark_sent`` records the operation's sent messages."""
+        return f"{self._key(operation_id)}:sent"
+
     def forget_sent(self, operation_id: str) -> None:
         """The operation has ended: its marks are of no more use (they would stay until ``SET_TTL_S``)."""
-        self.client.delete(f"{self._key(operation_id)}:sent")
+        self.client.delete(self.sent_key(operation_id))
 
     def sent(self, operation_id: str) -> set[str]:
         """Ids of the operation's messages that ``mark_sent`` recorded."""
-        return set(self.client.smembers(f"{self._key(operation_id)}:sent"))
+        return set(self.client.smembers(self.sent_key(operation_id)))
 
 
 def find_inflight(broker: dramatiq.Broker) -> InFlight | None:

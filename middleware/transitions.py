@@ -78,9 +78,13 @@ def forget_marks(broker: dramatiq.Broker, operation_id: str, marks: StepMarks) -
     their expiry removes them anyway."""
     inflight = find_inflight(broker)
     try:
-        if inflight is not None:
+        if inflight is None:
+            marks.forget(operation_id)
+        elif inflight.client is marks.client:
+            marks.forget(operation_id, inflight.sent_key(operation_id))
+        else:
             inflight.forget_sent(operation_id)
-        marks.forget(operation_id)
+            marks.forget(operation_id)
     except Exception as error:
         logger.info("operation %s: marks left to expire (%s)", operation_id, error)
 

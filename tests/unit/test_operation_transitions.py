@@ -155,8 +155,9 @@ def test_what_follows_a_step_waits_in_the_outbox_while_the_broker_refuses_it(
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_an_ended_operation_leaves_no_sent_marks_behind(stub_broker, stub_worker, cloud, fails):
-    # Given an operation that runs to its end, well or not
-    instance = make_instance(make_tenant(), volumes=0)
+    # Given an operation that runs to its end, well or not, sending some steps (its volumes' group) and chaining
+    # others
+    instance = make_instance(make_tenant(), volumes=2)
     if fails:
         cloud.configure(SimulatedConfig(build_ms=40, delete_ms=20, failures={"instance.create": 1.0}))
     inflight = find_inflight(stub_broker)
