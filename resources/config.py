@@ -295,11 +295,15 @@ def check_database_url(url: str) -> None:
 _last_read: tuple[dict[Any, Any], str | None, Settings] | None = None
 
 
-def _environment_snapshot() -> dict[Any, Any]:
+def _raw_environment() -> Any:
     """The environment as CPython stores it (encoded bytes on POSIX): copying and comparing that dict runs in
     C, well under a microsecond; ``dict(os.environ)`` decodes every variable in Python (about 30 µs)."""
     raw = getattr(os.environ, "_data", None)
-    return dict(raw) if isinstance(raw, dict) else dict(os.environ)
+    return raw if isinstance(raw, dict) else dict(os.environ)
+
+
+def _environment_snapshot() -> dict[Any, Any]:
+    return dict(_raw_environment())
 
 
 def _directory_that_matters() -> str | None:
@@ -318,10 +322,12 @@ def get_settings() -> Settings:
     while the environment (and, for a relative data directory, the working directory) is unchanged; a
     changed variable is seen at once."""
     global _last_read
-    environment, directory = _environment_snapshot(), _directory_that_matters()
     last = _last_read
-    if last is not None and last[0] == environment and last[1] == directory:
+    # The common case first, cheaply: the environment compared in place (no copy), the working directory
+    # asked only when it mattered for the settings kept.
+    if last is not None and last[0] == _raw_environment() and (last[1] is None or last[1] == os.getcwd()):
         return last[2]
+    environment, directory = _environment_snapshot(), _directory_that_matters()
     settings = _read_settings()
     _last_read = (environment, directory, settings)
     return settings

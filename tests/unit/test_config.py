@@ -97,3 +97,28 @@ def test_a_bad_database_url_names_the_variable_why_and_the_fix_without_the_passw
 def test_paas_database_urls_still_get_a_driver_after_the_check(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgres://user:secret@db.example:5432/jobs")
     assert get_settings().database_url == "postgresql+psycopg://user:secret@db.example:5432/jobs"
+
+
+def test_kept_settings_follow_the_environment_and_a_relative_data_directory(monkeypatch, tmp_path):
+    # Given settings read once, with the data directory relative to the working directory
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("JOBS_DATA_DIR", "data")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    first = get_settings()
+    assert get_settings() is first  # kept while nothing changed
+
+    # When a variable changes, or the working directory does
+    monkeypatch.setenv("JOBS_NAMESPACE", "changed")
+    assert get_settings().namespace == "changed"
+    monkeypatch.chdir(tmp_path / "b")
+
+    # Then the next read sees it at once
+    assert get_settings().data_dir == tmp_path / "b" / "data"
+
+    # And with an absolute data directory, the working directory no longer matters
+    monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path / "abs"))
+    kept = get_settings()
+    monkeypatch.chdir(tmp_path / "a")
+    assert get_settings() is kept
