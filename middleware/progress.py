@@ -38,6 +38,7 @@ __all__ = [
     "first_steps",
     "outgoing_of",
     "pending_after",
+    "runs_without_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,12 @@ _CHECK = select(
     .exists(),
     _OPERATIONS.c.plan,
 ).where(_OPERATIONS.c.id == bindparam("operation_id"))
+_STATUS_AND_RECORD = select(
+    _OPERATIONS.c.status,
+    select(_STEPS_DONE.c.path)
+    .where(_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
+    .exists(),
+).where(_OPERATIONS.c.id == bindparam("operation_id"))
 _CHECK_NO_PATH = select(_OPERATIONS.c.status, literal(False), _OPERATIONS.c.plan).where(
     _OPERATIONS.c.id == bindparam("operation_id")
 )
@@ -155,6 +162,13 @@ def _recorded_paths(session: Session | Connection, operation_id: str) -> set[str
 def _rows_of_marks(operation_id: str, marked: Mapping[str, datetime], recorded: set[str]) -> list[dict]:
     """StepDone rows for the marked steps the database does not have yet, with the time each completed."""
     return [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items() if p not in recorded]
+
+
+def runs_without_record(session: Session | Connection, operation_id: str, path: str) -> bool:
+    """Does the operation still run, with no record of step ``path`` in the database? ``check_step``'s
+    question without its plan, which is most of what it reads."""
+    row = session.execute(_STATUS_AND_RECORD, {"operation_id": operation_id, "path": path}).one_or_none()
+    return row is not None and row[0] == OperationStatus.RUNNING and not row[1]
 
 
 def check_step(

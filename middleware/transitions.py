@@ -32,7 +32,16 @@ from .context import StepContext, current_step, set_step_context
 from .inflight import find_inflight
 from .outbox import deliver, stage
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE, next_in_sequence
-from .progress import Progress, StepCheck, check_step, complete_step, enqueue_all, fail_operation, outgoing_of
+from .progress import (
+    Progress,
+    StepCheck,
+    check_step,
+    complete_step,
+    enqueue_all,
+    fail_operation,
+    outgoing_of,
+    runs_without_record,
+)
 from .step_marks import StepMarks
 from .throttle import Throttle, find_throttle
 from .transient import Unavailable, retry_in_place
@@ -277,7 +286,7 @@ class OperationTransitions(Middleware):
         recorded in the database, and even ended the operation, its marks then dropped. A chained step needs
         no such read: it follows the one record of its predecessor."""
         with self.read_sessions() as session:
-            return check_step(session, operation_id, path).skip is None
+            return runs_without_record(session, operation_id, path)
 
     def _record_failure(self, message: Message[Any], operation_id: str, exception: BaseException) -> str | None:
         """Fail the operation and stage its failure callbacks and the slot's release in the outbox, in one
