@@ -116,10 +116,10 @@ class PlanBuilder:
             return self._compound("seq", work.messages)
         if isinstance(work, dramatiq.group):
             return self._compound("par", work.children)
-        if isinstance(work, Composable):
-            return work.build_node(self)
         if isinstance(work, list | tuple):
             return self._compound("seq", work)
+        if isinstance(work, Composable):  # after the cheap checks: a Protocol's isinstance is slow
+            return work.build_node(self)
         raise TypeError(
             f"cannot compose {work!r} ({type(work).__name__}) into an operation; use a dramatiq Message "
             "(actor.message(...)), pipeline, group, a list of those, or an executor's stage(...)"
@@ -170,9 +170,13 @@ def check_message(fields: dict[str, Any]) -> None:
     after the commit, or Dramatiq's encoder would turn them into something else), or an encoded message
     larger than ``JOBS_MAX_MESSAGE_BYTES``."""
     actor = fields["actor_name"]
-    for name, value in [*enumerate(fields["args"]), *fields["kwargs"].items()]:
-        check_json(value, f"argument {name!r} of {actor}")
-    size = len(json.dumps(fields, separators=(",", ":")).encode())
+    try:
+        # One encoding serves both checks; ASCII (json's default), so its length is its size in bytes.
+        size = len(json.dumps(fields, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError):
+        for name, value in [*enumerate(fields["args"]), *fields["kwargs"].items()]:
+            check_json(value, f"argument {name!r} of {actor}")
+        size = len(json.dumps(fields, separators=(",", ":")))  # no argument is to blame: as Dramatiq would
     limit = get_settings().max_message_bytes
     if size > limit:
         raise InvalidArgument(
