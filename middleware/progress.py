@@ -229,6 +229,9 @@ def complete_step(
     row = session.execute(_LOCK_RUNNING, {"operation_id": operation_id}).one_or_none()
     if row is None or row.status != OperationStatus.RUNNING:
         return Progress([])
+    # A statement of its own, after the lock: in PostgreSQL's READ COMMITTED, one that waited for the lock reads
+    # the rest of its select (a subquery of recorded steps) as of its start, missing the steps the lock's last
+    # holder recorded.
     recorded = _recorded_paths(session, operation_id)
     if path in recorded or path in marked:
         logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
