@@ -291,8 +291,8 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
-#: The environment (and working directory) the last settings were read from, and those settings.
-_last_read: tuple[dict[Any, Any], str | None, Settings] | None = None
+#: The environment the last settings were read from, and those settings.
+_last_read: tuple[dict[Any, Any], Settings] | None = None
 
 
 def _raw_environment() -> Any:
@@ -302,39 +302,30 @@ def _raw_environment() -> Any:
     return raw if isinstance(raw, dict) else dict(os.environ)
 
 
-def _environment_snapshot() -> dict[Any, Any]:
-    return dict(_raw_environment())
-
-
-def _directory_that_matters() -> str | None:
-    """The working directory, when the data directory is relative to it; None when it cannot matter."""
-    return None if _is_absolute(os.environ.get("JOBS_DATA_DIR") or str(DEFAULT_DATA_DIR)) else os.getcwd()
-
-
-@functools.lru_cache(maxsize=16)
-def _is_absolute(path: str) -> bool:
-    # Cached: get_settings runs dozens of times per operation, and building a Path is most of its cost.
-    return Path(path).is_absolute()
+@functools.cache
+def start_directory() -> Path:
+    """The working directory the process started in (read on first use, before anything changes it), which a
+    relative ``JOBS_DATA_DIR`` is relative to. Not the current one: asking it costs a system call, which gives
+    up the GIL, and settings are read dozens of times per step."""
+    return Path.cwd()
 
 
 def get_settings() -> Settings:
     """The settings of the current environment. Steps ask several times each, so the last ones are kept
-    while the environment (and, for a relative data directory, the working directory) is unchanged; a
-    changed variable is seen at once."""
+    while the environment is unchanged (compared in place, without a copy); a changed variable is seen at
+    once."""
     global _last_read
     last = _last_read
-    # The common case first, cheaply: the environment compared in place (no copy), the working directory
-    # asked only when it mattered for the settings kept.
-    if last is not None and last[0] == _raw_environment() and (last[1] is None or last[1] == os.getcwd()):
-        return last[2]
-    environment, directory = _environment_snapshot(), _directory_that_matters()
+    if last is not None and last[0] == _raw_environment():
+        return last[1]
+    environment = dict(_raw_environment())
     settings = _read_settings()
-    _last_read = (environment, directory, settings)
+    _last_read = (environment, settings)
     return settings
 
 
 def _read_settings() -> Settings:
-    data_dir = Path(os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+    data_dir = (start_directory() / (os.environ.get("JOBS_DATA_DIR") or DEFAULT_DATA_DIR)).resolve()
     database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'jobs.sqlite3'}"
     redis_url = os.environ.get("REDIS_URL") or None
     if redis_url is not None:

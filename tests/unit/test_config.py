@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from resources.config import get_settings, normalise_database_url
+from resources.config import get_settings, normalise_database_url, start_directory
 from resources.errors import ConfigurationError
 
 
@@ -99,26 +99,21 @@ def test_paas_database_urls_still_get_a_driver_after_the_check(monkeypatch):
     assert get_settings().database_url == "postgresql+psycopg://user:secret@db.example:5432/jobs"
 
 
-def test_kept_settings_follow_the_environment_and_a_relative_data_directory(monkeypatch, tmp_path):
-    # Given settings read once, with the data directory relative to the working directory
+def test_kept_settings_follow_the_environment_and_a_relative_data_directory_stays_put(monkeypatch, tmp_path):
+    # Given settings read once, with the data directory relative
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("JOBS_DATA_DIR", "data")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    monkeypatch.chdir(tmp_path / "a")
     first = get_settings()
+    assert first.data_dir == (start_directory() / "data").resolve()
     assert get_settings() is first  # kept while nothing changed
 
-    # When a variable changes, or the working directory does
+    # When a variable changes, the next read sees it at once
     monkeypatch.setenv("JOBS_NAMESPACE", "changed")
     assert get_settings().namespace == "changed"
-    monkeypatch.chdir(tmp_path / "b")
 
-    # Then the next read sees it at once
-    assert get_settings().data_dir == tmp_path / "b" / "data"
-
-    # And with an absolute data directory, the working directory no longer matters
-    monkeypatch.setenv("JOBS_DATA_DIR", str(tmp_path / "abs"))
-    kept = get_settings()
-    monkeypatch.chdir(tmp_path / "a")
-    assert get_settings() is kept
+    # And when the process changes its working directory, the data (and the default database) stay where
+    # they were: a relative data directory is relative to the directory the process started in
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JOBS_NAMESPACE", "changed again")
+    assert get_settings().data_dir == first.data_dir
+    assert get_settings().database_url == first.database_url
