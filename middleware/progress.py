@@ -117,19 +117,15 @@ def _locked(session: Session, operation_id: str) -> Operation | None:
 _OPERATIONS = Operation.__table__
 _STEPS_DONE = StepDone.__table__
 _RECORDED_PATHS = select(_STEPS_DONE.c.path).where(_STEPS_DONE.c.operation_id == bindparam("operation_id"))
-_CHECK = select(
-    _OPERATIONS.c.status,
+_STEP_RECORDED = (
     select(_STEPS_DONE.c.path)
     .where(_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
-    .exists(),
-    _OPERATIONS.c.plan,
-).where(_OPERATIONS.c.id == bindparam("operation_id"))
-_STATUS_AND_RECORD = select(
-    _OPERATIONS.c.status,
-    select(_STEPS_DONE.c.path)
-    .where(_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
-    .exists(),
-).where(_OPERATIONS.c.id == bindparam("operation_id"))
+    .exists()
+)
+_CHECK = select(_OPERATIONS.c.status, _STEP_RECORDED, _OPERATIONS.c.plan).where(
+    _OPERATIONS.c.id == bindparam("operation_id")
+)
+_STATUS_AND_RECORD = select(_OPERATIONS.c.status, _STEP_RECORDED).where(_OPERATIONS.c.id == bindparam("operation_id"))
 _CHECK_NO_PATH = select(_OPERATIONS.c.status, literal(False), _OPERATIONS.c.plan).where(
     _OPERATIONS.c.id == bindparam("operation_id")
 )

@@ -315,10 +315,10 @@ def get_settings() -> Settings:
     while the environment is unchanged (compared in place, without a copy); a changed variable is seen at
     once."""
     global _last_read
-    last = _last_read
-    if last is not None and last[0] == _raw_environment():
+    last, raw = _last_read, _raw_environment()
+    if last is not None and last[0] == raw:
         return last[1]
-    environment = dict(_raw_environment())
+    environment = dict(raw)
     settings = _read_settings()
     _last_read = (environment, settings)
     return settings
