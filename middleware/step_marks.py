@@ -85,10 +85,14 @@ class StepMarks(LazyRedis):
         """Take back the mark of a step that turned out to be a duplicate (see ``OperationTransitions``)."""
         self.client.hdel(self._key(operation_id), path)
 
-    def forget(self, operation_id: str, *other_keys: str) -> None:
-        """The operation has ended and its marks are in the database: drop them (they would expire anyway),
-        and ``other_keys`` of the same server with them, in one round trip."""
-        self.client.delete(self._key(operation_id), *other_keys)
+    def keys_of(self, operation_id: str) -> list[str]:
+        """The keys of the operation's marks that go once it has ended (not its stop flag: a chain in the middle
+        of a long step must still find it)."""
+        return [self._key(operation_id)]
+
+    def forget(self, operation_id: str) -> None:
+        """The operation has ended and its marks are in the database: drop them (they would expire anyway)."""
+        self.client.delete(*self.keys_of(operation_id))
 
 
 def _completed_at(value: str) -> datetime:

@@ -82,17 +82,27 @@ def end_operation(
     return progress.ended
 
 
-def forget_marks(broker: dramatiq.Broker, operation_id: str, marks: StepMarks) -> None:
-    """Drop an ended operation's sent and step marks (its steps are in the database by then); best effort, as
-    their expiry removes them anyway."""
+def _keys_to_forget(broker: dramatiq.Broker, operation_id: str, marks: StepMarks) -> list[str] | None:
+    """An ended operation's marks and in-flight names, when they are all on the marks' server (None if not)."""
     inflight = find_inflight(broker)
+    if inflight is None:
+        return marks.keys_of(operation_id)
+    if inflight.client is marks.client:
+        return [*marks.keys_of(operation_id), *inflight.keys_of(operation_id)]
+    return None
+
+
+def forget_marks(broker: dramatiq.Broker, operation_id: str, marks: StepMarks) -> None:
+    """Drop an ended operation's step marks, sent marks and in-flight names (its steps are in the database by
+    then); best effort, as their expiry removes them anyway."""
     try:
-        if inflight is None:
-            marks.forget(operation_id)
-        elif inflight.client is marks.client:
-            marks.forget(operation_id, inflight.sent_key(operation_id))
+        keys = _keys_to_forget(broker, operation_id, marks)
+        if keys is not None:
+            marks.client.delete(*keys)
         else:
-            inflight.forget_sent(operation_id)
+            inflight = find_inflight(broker)
+            assert inflight is not None
+            inflight.forget(operation_id)
             marks.forget(operation_id)
     except Exception as error:
         logger.info("operation %s: marks left to expire (%s)", operation_id, error)
@@ -307,12 +317,27 @@ class OperationTransitions(Middleware):
     def _send(self, broker: dramatiq.Broker, operation_id: str, progress: Progress) -> None:
         enqueue_all(broker, progress.outgoing)
         if progress.ended:
-            forget_marks(broker, operation_id, self.marks)
-            self._release(broker, operation_id)
+            self._end(broker, operation_id)
             return
         inflight = find_inflight(broker)
         if inflight is not None:
             inflight.mark_sent(operation_id, [item.message.message_id for item in progress.outgoing])
+
+    def _end(self, broker: dramatiq.Broker, operation_id: str) -> None:
+        """The operation has just ended well: drop its marks and release its slot, in one round trip when
+        they share a server."""
+        throttle = self.throttle or find_throttle(broker)
+        keys = _keys_to_forget(broker, operation_id, self.marks)
+        if (
+            throttle is not None
+            and throttle.enabled
+            and keys is not None
+            and throttle.store.client is self.marks.client
+        ):
+            throttle.release(broker, operation_id, delete_keys=keys)
+            return
+        forget_marks(broker, operation_id, self.marks)
+        self._release(broker, operation_id)
 
     def _release(self, broker: dramatiq.Broker, operation_id: str) -> None:
         throttle = self.throttle or find_throttle(broker)
@@ -323,6 +348,10 @@ class OperationTransitions(Middleware):
         """A completed step, or a step of an operation that succeeded, delivered again: send what followed it
         and has neither completed nor been sent, and free the slot of an operation that succeeded."""
         operation_id = message.options[OPTION_OPERATION]
+        if check.ended:
+            # Its acknowledgement leaves this copy's in-flight name (see InFlight.after_ack): drop the ended
+            # operation's names now, as its end did.
+            forget_marks(broker, operation_id, self.marks)
         if check.succeeded and message.options.get(OPTION_THROTTLE):
             self._release(broker, operation_id)
         if not check.follow_up:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import dramatiq
@@ -156,10 +156,11 @@ class Throttle(Middleware):
         if idle:
             self.store.mark_queued([operation_id])
 
-    def release(self, broker: dramatiq.Broker, operation_id: str) -> None:
-        """End the operation's hold and send the next waiters' first steps. Idempotent."""
+    def release(self, broker: dramatiq.Broker, operation_id: str, *, delete_keys: Sequence[str] = ()) -> None:
+        """End the operation's hold and send the next waiters' first steps. Idempotent. ``delete_keys`` go
+        in the same round trip (see ``ThrottleStore.release``); only while the throttle is enabled."""
         if self.enabled:
-            self.send(broker, self.store.release(operation_id))
+            self.send(broker, self.store.release(operation_id, delete_keys=delete_keys))
 
     def send(self, broker: dramatiq.Broker, handoffs: Iterable[Handoff]) -> None:
         for handoff in handoffs:

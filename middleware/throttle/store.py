@@ -7,6 +7,7 @@ The scripts read the server's clock; tests pass ``now_ms`` instead. Scripts are 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources as package_files
@@ -150,9 +151,28 @@ class ThrottleStore:
         )
         return Admission(status, int(fence), _handoffs(handoffs))
 
-    def release(self, operation_id: str, *, now_ms: int | None = None) -> list[Handoff]:
-        """End the operation's hold (or wait) and hand its slots on. A second release is a no-op."""
-        _status, handoffs = self._run("release", now_ms, operation_id, self.handoff_timeout_ms)
+    def release(
+        self, operation_id: str, *, now_ms: int | None = None, delete_keys: Sequence[str] = ()
+    ) -> list[Handoff]:
+        """End the operation's hold (or wait) and hand its slots on. A second release is a no-op.
+        ``delete_keys`` (the ended operation's other keys on this server) are deleted first, in the same round
+        trip; best effort, as a failed delete of theirs changes nothing here."""
+        if not delete_keys:
+            _status, handoffs = self._run("release", now_ms, operation_id, self.handoff_timeout_ms)
+            return _handoffs(handoffs)
+        script = self._scripts["release"]
+        args = [self.prefix, "" if now_ms is None else str(now_ms), operation_id, self.handoff_timeout_ms]
+        # EVALSHA by hand: a pipeline given the script object would first ask whether it is loaded, a round
+        # trip of its own. A server that lost its scripts (a restart) gets it run the usual way.
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(*delete_keys)
+            pipe.evalsha(script.sha, 0, *args)
+            _deleted, reply = pipe.execute(raise_on_error=False)
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            reply = script(args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+        _status, handoffs = json.loads(reply)
         return _handoffs(handoffs)
 
     def renew(self, operation_ids: list[str], *, now_ms: int | None = None) -> list[str]:

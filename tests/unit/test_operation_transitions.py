@@ -103,16 +103,16 @@ def test_a_step_of_a_succeeded_operation_delivered_again_frees_the_slot_a_stoppe
     instance = make_instance(make_tenant(), volumes=0)
     throttle = find_throttle(stub_broker)
     assert throttle is not None
-    real_release = OperationTransitions._release
+    real_end = OperationTransitions._end
     last: list[Message[Any]] = []
 
     def stop_once(self: OperationTransitions, broker: Any, operation_id: str) -> None:
         if not last:
             last.append(CurrentMessage.get_current_message())
             return
-        real_release(self, broker, operation_id)
+        real_end(self, broker, operation_id)
 
-    monkeypatch.setattr(OperationTransitions, "_release", stop_once)
+    monkeypatch.setattr(OperationTransitions, "_end", stop_once)
     handle = InstanceCreateExecutor.execute(instance)
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     drain(stub_broker)

@@ -79,6 +79,26 @@ def test_a_second_release_frees_nothing_else(store):
     assert waiters(store, "a") == ["o3"]
 
 
+@pytest.mark.parametrize("scripts_lost", [False, True])
+def test_a_release_deletes_the_operations_other_keys_in_the_same_call(store, scripts_lost):
+    # Given a holder, a waiter, and two keys the holder's operation leaves elsewhere on the server
+    store.acquire("o1", [A], start=True, now_ms=1000)
+    store.acquire("o2", [A], start=False, messages=[(0, "o2-first")], now_ms=1001)
+    others = [f"{store.prefix}:elsewhere:1", f"{store.prefix}:elsewhere:2"]
+    for key in others:
+        store.client.set(key, "x")
+    if scripts_lost:
+        store.client.script_flush()  # a restarted server: the release script is run the usual way then
+
+    # When the holder ends, with those keys to delete
+    handoffs = store.release("o1", now_ms=2000, delete_keys=others)
+
+    # Then the keys are gone and the release did what a plain one does
+    assert store.client.exists(*others) == 0
+    assert [h.operation_id for h in handoffs] == ["o2"]
+    assert holders(store, "a") == ["o2"]
+
+
 def test_a_released_operation_cannot_take_a_slot_again(store):
     # Given a released operation
     store.acquire("o1", [A], start=True, now_ms=1000)
