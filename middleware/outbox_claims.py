@@ -21,7 +21,18 @@ import redis
 from resources.config import get_settings
 from resources.redis_client import get_redis
 
-__all__ = ["CLAIM_TTL_MS", "SENT_TTL_MS", "Claim", "claim", "forget", "mark_sent", "new_token", "release"]
+__all__ = [
+    "CLAIM_TTL_MS",
+    "SENT_TTL_MS",
+    "Claim",
+    "claim",
+    "claim_key",
+    "forget",
+    "mark_sent",
+    "new_token",
+    "release",
+    "sent_value",
+]
 
 #: How long a claim keeps other senders off a row: far longer than a send takes.
 CLAIM_TTL_MS = 30_000
@@ -73,6 +84,16 @@ def release(row_id: str, token: str) -> None:
     """Give up a claim whose send failed, so that the relay need not wait for it to lapse."""
     # Rare (a failed send), so the script is not kept: register_script only hashes it, and runs it by EVALSHA.
     get_redis().register_script(_RELEASE)(keys=[_key(row_id)], args=[_SENDING + token])
+
+
+def claim_key(row_id: str) -> str:
+    """Where the row's claim is kept (for a sender that takes it inside a script of its own)."""
+    return _key(row_id)
+
+
+def sent_value() -> str:
+    """A claim's value once its row is sent; for a sender that takes the claim as sent at once."""
+    return _SENT
 
 
 def mark_sent(row_id: str) -> None:

@@ -2,11 +2,12 @@
 
 from .middleware import Throttle, ThrottleUnavailable, find_throttle, scopes_of
 from .scopes import ThrottleScope
-from .store import Admission, Explanation, Handoff, Holder, ThrottleStore, Waiter
+from .store import Admission, Explanation, Guard, Handoff, Holder, ThrottleStore, Waiter
 
 __all__ = [
     "Admission",
     "Explanation",
+    "Guard",
     "Handoff",
     "Holder",
     "Throttle",

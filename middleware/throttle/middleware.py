@@ -33,7 +33,7 @@ from ..plan import OPTION_OPERATION, OPTION_THROTTLE
 from ..progress import Outgoing, enqueue_all
 from ..transient import Unavailable
 from .scopes import ThrottleScope
-from .store import Handoff, ThrottleStore
+from .store import Admission, Guard, Handoff, ThrottleStore
 
 __all__ = ["Throttle", "ThrottleUnavailable", "find_throttle", "scopes_of"]
 
@@ -93,18 +93,35 @@ class Throttle(Middleware):
         if not self.enabled or not scopes or not outgoing:
             enqueue_all(broker, outgoing)  # nothing to throttle: no steps (an operation with nothing to do)
             return "granted"
+        status = self.admit(broker, operation_id, scopes, outgoing).status
+        if status == "granted":
+            enqueue_all(broker, outgoing)
+        return status
+
+    def admit(
+        self,
+        broker: dramatiq.Broker,
+        operation_id: str,
+        scopes: list[ThrottleScope],
+        outgoing: list[Outgoing],
+        *,
+        guard: Guard | None = None,
+    ) -> Admission:
+        """``submit`` without the send of a granted operation's first steps, which the caller makes. From the
+        admission on, the throttle keeps those steps: it sends them when a parked operation's turn comes, and
+        sends a granted operation's again when none of them has started within the hand-off timeout. ``guard``:
+        see ``ThrottleStore.acquire``."""
         admission = self.store.acquire(
             operation_id,
             scopes,
             start=False,
             messages=[(item.delay or 0, _encoded(item.message)) for item in outgoing],
+            guard=guard,
         )
         self.send(broker, admission.handoffs)
-        if admission.status == "granted":
-            enqueue_all(broker, outgoing)
-        elif admission.status == "parked":
+        if admission.status == "parked":
             logger.info("operation %s waits for a slot in %s", operation_id, ", ".join(s.key for s in scopes))
-        return admission.status
+        return admission
 
     # -- worker side -----------------------------------------------------------------------------
     def before_step(self, broker: dramatiq.Broker, message: Message[Any]) -> int | None:

@@ -17,9 +17,9 @@ import redis
 
 from .scopes import ThrottleScope
 
-__all__ = ["Admission", "Explanation", "Handoff", "Holder", "ThrottleStore", "Waiter"]
+__all__ = ["Admission", "Explanation", "Guard", "Handoff", "Holder", "ThrottleStore", "Waiter"]
 
-Status = Literal["granted", "held", "parked", "done"]
+Status = Literal["granted", "held", "parked", "done", "guarded"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,17 @@ class Admission:
     fence: int
     #: Waiters admitted as a side effect (a raised limit); the caller sends their messages.
     handoffs: list[Handoff] = field(default_factory=list)
+    #: With status "guarded": the value of the guard key that someone else had set (see ``acquire``).
+    guarded_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A key ``acquire`` sets (if not set) before it admits: whoever sets it first goes on."""
+
+    key: str
+    value: str
+    ttl_ms: int
 
 
 @dataclass(frozen=True)
@@ -130,15 +141,19 @@ class ThrottleStore:
         messages: list[tuple[int, str]] = (),  # type: ignore[assignment]
         limits_are_current: bool = True,
         now_ms: int | None = None,
+        guard: Guard | None = None,
     ) -> Admission:
         """Admit the operation or park it (with ``messages``, sent when it is granted).
 
         ``start=True``: a worker is about to run one of its steps; a grant holds at once. Otherwise the
         producer is about to send the first steps itself: the grant is reserved until one starts, and
         ``messages`` are kept so a send lost in a crash can be re-driven. ``limits_are_current=False``
-        (a worker re-acquiring with limits stamped on an old message) keeps the stored limits.
+        (a worker re-acquiring with limits stamped on an old message) keeps the stored limits. With ``guard``,
+        its key is set first, in the same script; when someone else had set it, nothing else happens and the
+        admission is "guarded", with that key's value.
         """
-        status, fence, handoffs = self._run(
+        guard_args = [] if guard is None else [guard.key, guard.value, guard.ttl_ms]
+        status, fence, handoffs, *guarded_by = self._run(
             "acquire",
             now_ms,
             operation_id,
@@ -148,8 +163,9 @@ class ThrottleStore:
             json.dumps([[s.key, s.limit] for s in scopes]),
             "set" if limits_are_current else "keep",
             json.dumps([[int(d), m] for d, m in messages]),
+            *guard_args,
         )
-        return Admission(status, int(fence), _handoffs(handoffs))
+        return Admission(status, int(fence), _handoffs(handoffs), guarded_by[0] if guarded_by else None)
 
     def release(
         self, operation_id: str, *, now_ms: int | None = None, delete_keys: Sequence[str] = ()

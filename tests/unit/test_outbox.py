@@ -5,6 +5,7 @@ down); each row is sent once."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -14,17 +15,20 @@ import redis
 from dramatiq import Message
 from sqlalchemy import func, select, update
 
+import middleware.outbox
 import middleware.outbox_claims
 import middleware.transitions
 from jobs.executors import InstanceCreateExecutor
-from middleware import find_throttle
+from middleware import ThrottleScope, find_throttle
 from middleware.outbox import deliver, relay, send_committed, stage
-from middleware.outbox_claims import Claim, claim, new_token
+from middleware.outbox_claims import Claim, claim, claim_key, new_token
 from middleware.progress import Outgoing
 from middleware.sent_rows import sent_rows
 from resources.backends import SimulatedConfig
+from resources.config import get_settings
 from resources.db import session_scope
-from resources.models import Instance, Operation, OperationStatus, OutboxMessage, utcnow
+from resources.models import Instance, Operation, OperationStatus, OutboxMessage, new_uuid, utcnow
+from resources.redis_client import get_redis
 from resources.states import State
 from scheduler.janitor import is_alive
 from tests.fixtures import drain, make_instance, make_tenant, wait_for
@@ -63,6 +67,72 @@ def test_execute_writes_its_messages_in_the_callers_transaction_and_sends_them_a
     assert outbox_rows() == 0
     assert relay(stub_broker, older_than_s=0) == 0
     assert queued(stub_broker) == 1
+
+
+def row_ids() -> list[str]:
+    with session_scope() as session:
+        return list(session.scalars(select(OutboxMessage.id)))
+
+
+def test_a_throttled_operations_row_is_marked_sent_by_the_script_that_admits_it(stub_broker, cloud, monkeypatch):
+    # Given a throttled operation (a creation holds a provisioning slot) whose row is kept after its send
+    instance = make_instance(make_tenant(), volumes=0)
+    monkeypatch.setattr(sent_rows, "add", lambda row_id: None)
+
+    # When a service executes it: one call to the throttle admits it and marks its row sent (no claim first, no
+    # mark after the send)
+    claims = []
+    monkeypatch.setattr(middleware.outbox, "claim", lambda *args: claims.append(args))
+    monkeypatch.setattr(middleware.outbox, "mark_sent", lambda *args: claims.append(args))
+    handle = InstanceCreateExecutor.execute(instance)
+    assert claims == []
+    [row_id] = row_ids()
+    assert get_redis().get(claim_key(row_id)) == "sent"
+    assert find_throttle(stub_broker).store.state_of(handle.id) == "granted"
+    assert queued(stub_broker) == 1
+    monkeypatch.undo()
+
+    # Then the relay deletes the row without sending it again
+    assert relay(stub_broker, older_than_s=0) == 0
+    assert outbox_rows() == 0
+    assert queued(stub_broker) == 1
+
+
+def test_a_committing_process_that_finds_the_relay_on_its_throttled_row_sends_nothing(stub_broker, cloud):
+    # Given a throttled operation's committed row, claimed by the relay while its committing process stalled
+    scope = ThrottleScope(f"test:{new_uuid()}", 2)
+    outgoing = [Outgoing(Message("default", "x", (0,), {}, {}))]
+    with session_scope() as session:
+        row_id = stage(session, "op-stalled", outgoing, throttle_scopes=[scope])
+    assert row_id is not None
+    assert claim(row_id, new_token()) is Claim.TAKEN
+
+    # When the committing process goes on, it neither sends nor touches the throttle
+    assert send_committed(stub_broker, row_id, "op-stalled", outgoing, throttle_scopes=[scope]) is False
+    assert queued(stub_broker) == 0
+    assert find_throttle(stub_broker).store.state_of("op-stalled") is None
+
+
+def test_first_steps_admitted_but_refused_by_the_broker_are_sent_once_by_the_throttle(stub_broker, cloud, monkeypatch):
+    # Given a throttled operation admitted while the broker refuses its first step
+    instance = make_instance(make_tenant(), volumes=0)
+    throttle = find_throttle(stub_broker)
+    monkeypatch.setattr(stub_broker, "enqueue", refuse)
+    handle = InstanceCreateExecutor.execute(instance)
+    monkeypatch.undo()
+    assert queued(stub_broker) == 0
+
+    # When the relay runs and the throttle's hand-off times out
+    assert relay(stub_broker, older_than_s=0) == 0
+    later = int(time.time() * 1000) + int(get_settings().throttle_handoff_timeout_s * 1000) + 60_000
+    redrives, _handoffs = throttle.store.reap(now_ms=later)
+    ours = [redrive for redrive in redrives if redrive.operation_id == handle.id]  # not earlier tests' leftovers
+    throttle.send(stub_broker, ours)
+
+    # Then the first step is in the broker once (the row was the throttle's from its admission, not the relay's)
+    assert len(ours) == 1
+    assert queued(stub_broker) == 1
+    assert outbox_rows() == 0
 
 
 def test_a_rolled_back_execute_leaves_nothing_in_the_outbox_or_the_broker(stub_broker, cloud):

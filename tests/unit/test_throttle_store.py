@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from middleware.throttle import ThrottleScope, ThrottleStore
+from middleware.throttle import Guard, ThrottleScope, ThrottleStore
 from resources.errors import ConfigurationError
 from resources.redis_client import get_redis
 
@@ -97,6 +97,29 @@ def test_a_release_deletes_the_operations_other_keys_in_the_same_call(store, scr
     assert store.client.exists(*others) == 0
     assert [h.operation_id for h in handoffs] == ["o2"]
     assert holders(store, "a") == ["o2"]
+
+
+def test_an_admission_with_a_guard_sets_it_first_and_one_whose_guard_is_set_changes_nothing(store):
+    # Given a guard key nobody holds
+    guard = Guard(f"{store.prefix}:guard:row-1", "sent", 60_000)
+
+    # When an operation is submitted with it, it is admitted as usual and the guard is set, with its expiry
+    admitted = store.acquire("o1", [A], start=False, messages=[(0, "o1-first")], guard=guard, now_ms=1000)
+    assert (admitted.status, admitted.guarded_by) == ("granted", None)
+    assert store.client.get(guard.key) == "sent"
+    assert 0 < store.client.pttl(guard.key) <= 60_000
+
+    # Then a second submission with the same guard (another sender of the same row) is refused, says who holds
+    # it, and neither parks the messages again nor queues anyone
+    store.client.set(f"{store.prefix}:guard:row-2", "sending:someone")
+    other = Guard(f"{store.prefix}:guard:row-2", "sent", 60_000)
+    refused = store.acquire("o2", [A], start=False, messages=[(0, "o2-first")], guard=other, now_ms=1001)
+    assert (refused.status, refused.guarded_by) == ("guarded", "sending:someone")
+    assert store.state_of("o2") is None
+    assert waiters(store, "a") == []
+    again = store.acquire("o1", [A], start=False, messages=[(0, "o1-first")], guard=guard, now_ms=1002)
+    assert (again.status, again.guarded_by) == ("guarded", "sent")
+    assert store.client.llen(f"{store.prefix}:msgs:o1") == 1
 
 
 def test_a_released_operation_cannot_take_a_slot_again(store):

@@ -3,6 +3,14 @@
 -- ms, 7 scopes JSON [[scope, limit], ...], 8 limit policy ("set": these limits are current; "keep":
 -- only fill in unknown ones), 9 messages JSON [[delay ms, encoded message], ...] to park.
 -- Returns JSON [status, fence, handoffs]; status: granted | held | parked | done.
+-- ARGV 10-12 (optional): a guard key, its value and its expiry in ms, set (NX) before anything else: when the
+-- key is already set, nothing changes and the reply is ["guarded", 0, {}, the key's value]. (The producer's
+-- claim on the outbox row whose first steps these are: see outbox.send_committed.)
+if ARGV[10] and ARGV[10] ~= '' then
+  if not redis.call('SET', ARGV[10], ARGV[11], 'NX', 'PX', ARGV[12]) then
+    return cjson.encode({'guarded', 0, {}, redis.call('GET', ARGV[10])})
+  end
+end
 local op, mode = ARGV[3], ARGV[4]
 local lease_ms, reserve_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
 local wanted, policy, messages = cjson.decode(ARGV[7]), ARGV[8], cjson.decode(ARGV[9])
