@@ -21,6 +21,7 @@ from dramatiq import Broker, Message
 from sqlalchemy import Connection, bindparam, insert, literal, select, update
 from sqlalchemy.orm import Session
 
+from resources.after_commit import on_commit
 from resources.metrics import operation_ended, operation_ended_as
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.transitions import record_error
@@ -241,7 +242,10 @@ def complete_step(
         session.execute(_SUCCEED, {"operation_id": operation_id, "finished_at": now})
         _expire_loaded(session, operation_id)
         operation_ended_as(session, row.executor, OperationStatus.SUCCEEDED, row.created_at, now)
-        logger.info("operation %s (%s) succeeded", operation_id, row.executor)
+        # Once committed: a log line written while this transaction holds SQLite's one writer lets other threads
+        # take the GIL, and the other writers wait the longer.
+        executor = row.executor
+        on_commit(session, lambda: logger.info("operation %s (%s) succeeded", operation_id, executor))
     return Progress(outgoing_of(row.plan, step.start), ended=step.finished, plan=row.plan)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from dramatiq.middleware import Middleware
@@ -10,7 +11,7 @@ from sqlalchemy import select
 from jobs.executors import InstanceCreateExecutor
 from middleware.plan import OPTION_NODE
 from middleware.progress import complete_step, first_steps
-from resources.db import session_scope
+from resources.db import read_scope, session_scope
 from resources.models import Instance, Operation
 from resources.states import State
 from tests.fixtures import RECORDER, drain, make_instance, make_tenant
@@ -92,3 +93,38 @@ def test_the_last_record_leaves_an_operation_loaded_in_the_session_current(stub_
         # Then the object shows the end, not the status it was loaded with
         assert progress.ended
         assert (operation.status, operation.finished_at is not None) == ("succeeded", True)
+
+
+class StatusWhenLogged(logging.Handler):
+    """Reads, from a connection of its own, the status of each operation whose success is being logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().endswith("succeeded"):
+            operation_id = record.args[0]  # type: ignore[index]
+            with read_scope() as session:
+                self.seen.append(session.scalars(select(Operation.status).where(Operation.id == operation_id)).one())
+
+
+def test_an_operations_success_is_logged_once_committed(stub_broker, stub_worker, cloud):
+    # Given a reader that looks at the operation the moment its success is logged
+    handler = StatusWhenLogged()
+    logger = logging.getLogger("middleware.progress")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        # When an operation runs to its end
+        handle = InstanceCreateExecutor.execute(make_instance(make_tenant(), volumes=1))
+        drain(stub_broker)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+    # Then the line came after the commit, not while the transaction (on SQLite, holding the one writer lock that
+    # every other writer waits for) was still open
+    assert handle.status() == "succeeded"
+    assert handler.seen == ["succeeded"]
