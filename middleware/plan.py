@@ -35,6 +35,7 @@ __all__ = [
     "PlanBuilder",
     "advance",
     "ancestors",
+    "finishing_alone",
     "message_of",
     "next_in_sequence",
     "node_at",
@@ -285,6 +286,20 @@ def next_in_sequence(root: Node, path: str) -> list[str] | None:
     if parent["kind"] != "seq" or index + 1 >= len(parent["children"]):
         return None
     return start_paths(parent["children"][index + 1], _join(parent_path, index + 1))
+
+
+def finishing_alone(root: Node, path: str) -> list[str] | None:
+    """When the completion of step ``path`` ends the whole plan whatever else is recorded (it is the last step,
+    and no group is above it): the nodes it completes, as ``advance`` would list them. Else None. Pure."""
+    completed = [path]
+    while path:
+        parent_path, index = _split(path)
+        parent = node_at(root, parent_path)
+        if parent["kind"] != "seq" or index + 1 < len(parent["children"]):
+            return None
+        path = parent_path
+        completed.append(path)
+    return completed
 
 
 def advance(root: Node, done: set[str], path: str) -> Advance:

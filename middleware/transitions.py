@@ -253,17 +253,20 @@ class OperationTransitions(Middleware):
     ) -> tuple[Progress, Message[Any]] | None:
         """When step ``path`` is in the middle of a sequence and this worker will run the step after it: what
         its completion leads to, and that step. The plan says what follows; nothing is read."""
-        if self.chain.is_chained(message):
-            plan = self.chain.plan
-        else:
-            checked = _CHECKED_PLAN.get(None)
-            plan = checked[1] if checked is not None and checked[0] == message.message_id else None
+        plan = self._plan_of(message)
         following = next_in_sequence(plan["root"], path) if plan is not None else None
         if plan is None or following is None:
             return None
         progress = Progress(outgoing_of(plan, following), plan=plan)
         successor = self.chain.successor(broker, message, progress)
         return None if successor is None else (progress, successor)
+
+    def _plan_of(self, message: Message[Any]) -> dict | None:
+        """The plan of the step's operation, as its check (or, for a chained step, its chain) read it."""
+        if self.chain.is_chained(message):
+            return self.chain.plan
+        checked = _CHECKED_PLAN.get(None)
+        return checked[1] if checked is not None and checked[0] == message.message_id else None
 
     def _record_success(
         self,
@@ -286,8 +289,9 @@ class OperationTransitions(Middleware):
             logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
             return Progress([]), None
         marked = self.marks.paths(operation_id)
+        plan = self._plan_of(message)
         with self.sessions() as session:
-            progress = complete_step(session, operation_id, path, marked)
+            progress = complete_step(session, operation_id, path, marked, plan=plan)
         return progress, self.chain.successor(broker, message, progress)
 
     def _still_to_record(self, operation_id: str, path: str) -> bool:

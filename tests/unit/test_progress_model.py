@@ -175,9 +175,10 @@ def deliver(run: Run, message: Message) -> bool:
     return check.skip is None
 
 
-def succeed(run: Run, message: Message, queue: list[Message], chain: bool) -> None:
+def succeed(run: Run, message: Message, queue: list[Message], chain: bool, knows_plan: bool) -> None:
     """A step succeeded. With ``chain``, a step in the middle of a sequence is marked in Redis, as a worker
-    that runs its successor next does, unless the operation's chains were stopped."""
+    that runs its successor next does, unless the operation's chains were stopped. With ``knows_plan``, its
+    record is given the plan, as a worker's is (the last step then takes the record's shorter way)."""
     path = path_of(message)
     following = next_in_sequence(run.plan["root"], path)
     if chain and following is not None and marks.record(run.operation_id, path):
@@ -196,7 +197,7 @@ def succeed(run: Run, message: Message, queue: list[Message], chain: bool) -> No
         return
     marked = marks.paths(run.operation_id)
     with session_scope() as session:
-        progress = complete_step(session, run.operation_id, path, marked)
+        progress = complete_step(session, run.operation_id, path, marked, plan=run.plan if knows_plan else None)
     if run.ended or path in run.done:  # a step that ran twice, or finished after the end: nothing follows
         assert progress == Progress([]), f"the second completion of {path} answered {progress}"
         return
@@ -251,7 +252,8 @@ def play(shape: Any, data: st.DataObject) -> Run:
             if may_fail and data.draw(st.sampled_from(["succeeds", "succeeds", "fails"]), label="outcome") == "fails":
                 fail(run, message)
             else:
-                succeed(run, message, queue, data.draw(st.booleans(), label="runs its successor next"))
+                chain = data.draw(st.booleans(), label="runs its successor next")
+                succeed(run, message, queue, chain, data.draw(st.booleans(), label="its record knows the plan"))
     return run
 
 
@@ -310,6 +312,7 @@ def test_progress_under_duplicates_reordering_and_failures(schema, shape, data):
         assert check.skip is not None and check.ended
         with session_scope() as session:
             assert complete_step(session, run.operation_id, path) == Progress([])
+            assert complete_step(session, run.operation_id, path, plan=run.plan) == Progress([])
             assert fail_operation(session, run.operation_id, "late", "late", "") == Progress([])
     with read_scope() as session:
         assert session.scalar(select(Operation.status).where(Operation.id == run.operation_id)) == status
