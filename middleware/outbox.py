@@ -33,7 +33,7 @@ from resources.metrics import outbox_relayed
 from resources.models import OutboxMessage, new_uuid, utcnow
 
 from .heartbeat import Heartbeat
-from .outbox_claims import SENT_TTL_MS, Claim, claim, claim_key, forget, mark_sent, new_token, release, sent_value
+from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release, sent_claim
 from .progress import Outgoing, enqueue_all
 from .sent_rows import sent_rows
 from .throttle import Guard, Throttle, ThrottleScope, find_throttle
@@ -178,7 +178,7 @@ def _admit_and_send(
     from then on (it sends them when a parked operation's turn comes, and sends a granted operation's again if
     none has started within the hand-off timeout), so the row is done even if this process dies before its
     send."""
-    guard = Guard(claim_key(row_id), sent_value(), SENT_TTL_MS)
+    guard = Guard(*sent_claim(row_id))
     try:
         admission = throttle.admit(broker, operation_id, list(scopes), list(outgoing), guard=guard)
     except Exception as error:

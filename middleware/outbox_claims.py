@@ -31,7 +31,7 @@ __all__ = [
     "mark_sent",
     "new_token",
     "release",
-    "sent_value",
+    "sent_claim",
 ]
 
 #: How long a claim keeps other senders off a row: far longer than a send takes.
@@ -91,9 +91,10 @@ def claim_key(row_id: str) -> str:
     return _key(row_id)
 
 
-def sent_value() -> str:
-    """A claim's value once its row is sent; for a sender that takes the claim as sent at once."""
-    return _SENT
+def sent_claim(row_id: str) -> tuple[str, str, int]:
+    """The row's claim as it stands once the row is sent (key, value, expiry in ms): for a sender that takes
+    it inside a script of its own, sent at once."""
+    return _key(row_id), _SENT, SENT_TTL_MS
 
 
 def mark_sent(row_id: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from dramatiq import Broker, Message
-from sqlalchemy import Connection, bindparam, insert, literal, select, update
+from sqlalchemy import Connection, Executable, bindparam, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -245,8 +245,9 @@ def complete_step(
     if plan is not None and plan["root"] is not None:
         completed = finishing_alone(plan["root"], path)
         dialect = session.get_bind().dialect
-        if completed is not None and dialect.update_returning and dialect.name in _INSERT_NEW_STEPS:
-            return _finish(session, operation_id, marked, completed, plan)
+        insert_new = _INSERT_NEW_STEPS.get(dialect.name) if dialect.update_returning else None
+        if completed is not None and insert_new is not None:
+            return _finish(session, operation_id, marked, completed, plan, insert_new)
     row = session.execute(_LOCK_RUNNING, {"operation_id": operation_id}).one_or_none()
     if row is None or row.status != OperationStatus.RUNNING:
         return Progress([])
@@ -270,7 +271,12 @@ def complete_step(
 
 
 def _finish(
-    session: Session, operation_id: str, marked: Mapping[str, datetime], completed: list[str], plan: dict
+    session: Session,
+    operation_id: str,
+    marked: Mapping[str, datetime],
+    completed: list[str],
+    plan: dict,
+    insert_new: Executable,
 ) -> Progress:
     """``complete_step`` for a step whose completion ends the operation whatever else is recorded: no read, and
     no row lock taken first. The update ending the operation is the check that it still ran: it waits for the
@@ -283,7 +289,7 @@ def _finish(
         return Progress([])
     rows = [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items()]
     rows.extend({"operation_id": operation_id, "path": p, "done_at": now} for p in completed)
-    session.execute(_INSERT_NEW_STEPS[session.get_bind().dialect.name], rows)
+    session.execute(insert_new, rows)
     _expire_loaded(session, operation_id)
     _ended_well(session, operation_id, ended.executor, ended.created_at, now)
     return Progress([], ended=True, plan=plan)

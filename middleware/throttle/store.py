@@ -127,9 +127,12 @@ class ThrottleStore:
             for name in ("acquire", "release", "lease", "reap", "set_limit")
         }
 
+    def _args(self, now_ms: int | None, *args: Any) -> list[Any]:
+        """A script's arguments: every script takes the prefix and the clock ("": the server's) first."""
+        return [self.prefix, "" if now_ms is None else str(now_ms), *args]
+
     def _run(self, name: str, now_ms: int | None, *args: Any) -> Any:
-        clock = "" if now_ms is None else str(now_ms)
-        return json.loads(self._scripts[name](args=[self.prefix, clock, *args]))
+        return json.loads(self._scripts[name](args=self._args(now_ms, *args)))
 
     # -- the operation's life --------------------------------------------------------------------
     def acquire(
@@ -177,7 +180,7 @@ class ThrottleStore:
             _status, handoffs = self._run("release", now_ms, operation_id, self.handoff_timeout_ms)
             return _handoffs(handoffs)
         script = self._scripts["release"]
-        args = [self.prefix, "" if now_ms is None else str(now_ms), operation_id, self.handoff_timeout_ms]
+        args = self._args(now_ms, operation_id, self.handoff_timeout_ms)
         # EVALSHA by hand: a pipeline given the script object would first ask whether it is loaded, a round
         # trip of its own. A server that lost its scripts (a restart) gets it run the usual way.
         with self.client.pipeline(transaction=False) as pipe:
