@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, exc, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import get_settings
@@ -33,6 +34,11 @@ __all__ = [
 SQLITE_BUSY_TIMEOUT_S = 60
 #: Execution option of connections that only read (see ``read_scope``).
 _READ_ONLY = "jobs_read_only"
+#: A pooled connection back in the pool for longer than this is pinged before its next use (see
+#: ``ping_idle_connections``).
+PING_AFTER_IDLE_S = 1.0
+#: In a pooled connection's ``info``: when it was last returned to the pool (``time.monotonic``).
+_RETURNED_AT = "jobs_returned_at"
 
 
 def _prepare_sqlite(engine: Engine, url: str) -> None:
@@ -68,6 +74,35 @@ def _prepare_sqlite(engine: Engine, url: str) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def ping_idle_connections(engine: Engine, idle_s: float = PING_AFTER_IDLE_S) -> None:
+    """Ping a pooled connection before its use only when it has sat in the pool for ``idle_s`` or more; a
+    dead one is replaced, and every connection pooled before it with it (a dead idle connection most likely
+    means the server restarted), as ``pool_pre_ping`` does.
+
+    ``pool_pre_ping`` pings before every use: on a busy worker about four database round trips more per
+    operation, for connections that were in use a moment ago. A connection killed while it sat unused (a
+    server's idle timeout, a restart in a quiet spell) is caught by the ping as before. A restart under load
+    fails the statements of the connections in use, as it does with pre-ping; the first failure invalidates
+    the pool, and workers retry such errors (``middleware.transient``). SQLAlchemy has no such window, hence
+    these two pool events (the idea of HikariCP's ``aliveBypassWindowMs``)."""
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_connection: Any, record: Any) -> None:
+        record.info[_RETURNED_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        returned_at = record.info.get(_RETURNED_AT)
+        if returned_at is None or time.monotonic() - returned_at < idle_s:
+            return  # new (its info goes with a replaced connection), or in use a moment ago
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            # The pool tries a new connection on this error (and raises the connect's error if that fails).
+            raise exc.InvalidatePoolError(f"a pooled connection idle for {idle_s}s or more is dead: {error}") from error
+
+
 @functools.cache
 def _engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
@@ -81,7 +116,9 @@ def _engine_for(url: str) -> Engine:
         )
         _prepare_sqlite(engine, url)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    ping_idle_connections(engine)
+    return engine
 
 
 def get_engine(url: str | None = None) -> Engine:
