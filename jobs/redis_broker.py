@@ -25,8 +25,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -34,9 +34,10 @@ import redis
 from dramatiq import Message
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import MAINTENANCE_COMMAND_BLACKLIST, RedisBroker, _RedisConsumer
-from dramatiq.common import compute_backoff, q_name
+from dramatiq.common import compute_backoff, current_millis, q_name, xq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import Middleware
+from redis.commands.core import Script
 
 from middleware.heartbeat import Heartbeat
 from middleware.plan import OPTION_OPERATION
@@ -62,13 +63,24 @@ MalformedCallback = Callable[[str, str, str, str], None]
 PREVIEW_CHARS = 200
 #: Longest reason (decode error, shape problem) put in a log line or an operation's error.
 REASON_CHARS = 300
-#: Ack-set members whose bodies are read per HMGET while looking for a bad body's id.
-_SCAN_CHUNK = 500
 #: The fields ``Message.asdict()`` writes; ``message_id`` and ``message_timestamp`` have defaults.
 _REQUIRED_FIELDS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options"})
 _FIELDS = _REQUIRED_FIELDS | {"message_id", "message_timestamp"}
-#: Used in place of an id that could not be found (the body vanished from the ack set meanwhile).
-UNKNOWN_ID = "(unknown id)"
+# The consumer's fetch (see dispatch.lua for the keys): refresh this worker's heartbeat, move up to ARGV[3] ids
+# from the queue into this worker's ack set, answer id, body, id, body, … (a gone body answers nil).
+# KEYS: heartbeats, queue, bodies, this worker's ack set of the queue. ARGV: now (ms), worker id, count.
+_FETCH = """
+redis.call('zadd', KEYS[1], ARGV[1], ARGV[2])
+local reply = {}
+for i = 1, tonumber(ARGV[3]) do
+  local id = redis.call('lpop', KEYS[2])
+  if not id then break end
+  redis.call('sadd', KEYS[4], id)
+  reply[2 * i - 1] = id
+  reply[2 * i] = redis.call('hget', KEYS[3], id)
+end
+return reply
+"""
 
 
 def preview(data: bytes | str | None, limit: int = PREVIEW_CHARS) -> str:
@@ -167,14 +179,13 @@ def fail_malformed_operation(
 
 @dataclass
 class _Fetched:
-    """One fetched body on its way through the checks."""
+    """One fetched body, with the id it was fetched under, on its way through the checks."""
 
+    redis_message_id: bytes
     data: bytes | None
     message: Message[Any] | None = None
     reason: str = ""
     operation_id: str | None = None
-    #: The ids it is stored under in this worker's ack set, once found (several only for lost bodies).
-    ids: list[bytes] = field(default_factory=list)
 
 
 class JobsRedisConsumer(_RedisConsumer):
@@ -194,7 +205,8 @@ class JobsRedisConsumer(_RedisConsumer):
         super().__init__(broker, queue_name, prefetch, timeout)
         self._recover_orphans_first = recover_orphans
         self.message_cache: list[Message[Any]] = []
-        self._unchecked: list[bytes | None] = []
+        #: Fetched (id, body) pairs not yet checked.
+        self._unchecked: list[tuple[bytes, bytes | None]] = []
         self._rejects: list[_Fetched] = []
         self._settle_failures = 0
 
@@ -240,9 +252,9 @@ class JobsRedisConsumer(_RedisConsumer):
                     self.broker.handed_out(self.queue_name, message.options["redis_message_id"])
                     return MessageProxy(message)
                 if self.outstanding_message_count < self.prefetch:
-                    fetched = self.broker.do_fetch(self.queue_name, self.prefetch - self.outstanding_message_count)
+                    fetched = self.broker.fetch(self.queue_name, self.prefetch - self.outstanding_message_count)
                     if fetched:
-                        self._unchecked = list(fetched)
+                        self._unchecked = fetched
                         continue
                 # Nothing to hand out: long-poll progressively up to the idle timeout, as Dramatiq does.
                 self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
@@ -305,30 +317,30 @@ class JobsRedisConsumer(_RedisConsumer):
 
     # -- the checks ----------------------------------------------------------------------------------
     def _settle(self) -> None:
-        """Check the fetched batch (reads only), then dead-letter its bad bodies one by one."""
+        """Check the fetched batch (no Redis call), then dead-letter its bad bodies one by one."""
         if self._unchecked:
-            entries = [self._inspect(data) for data in self._unchecked]
-            self._verify_ids([e for e in entries if e.message is not None])
-            rejects = [e for e in entries if e.message is None]
-            if rejects:
-                self._locate(rejects)
+            entries = [self._inspect(redis_message_id, data) for redis_message_id, data in self._unchecked]
             self.message_cache.extend(e.message for e in entries if e.message is not None)
-            self._rejects.extend(rejects)
+            self._rejects.extend(e for e in entries if e.message is None)
             self._unchecked = []
         while self._rejects:
             self._reject(self._rejects[0])
             self._rejects.pop(0)
 
-    def _inspect(self, data: bytes | None) -> _Fetched:
+    def _inspect(self, redis_message_id: bytes, data: bytes | None) -> _Fetched:
         if data is None:
             # Dramatiq's issue #266: an id whose body is gone. Its id only clutters the ack set.
-            return _Fetched(None, reason="its body is missing from the queue")
+            return _Fetched(redis_message_id, None, reason="its body is missing from the queue")
         try:
             fields = dramatiq.get_encoder().decode(data)
         except Exception as error:
-            return _Fetched(data, reason=_describe_decode_error(error))
-        entry = _Fetched(data, operation_id=_operation_of(fields))
+            return _Fetched(redis_message_id, data, reason=_describe_decode_error(error))
+        entry = _Fetched(redis_message_id, data, operation_id=_operation_of(fields))
         reason = malformed_reason(fields, self.queue_name)
+        named = fields["options"]["redis_message_id"] if reason is None else None
+        if named is not None and named != redis_message_id.decode("utf-8", "replace"):
+            # Acknowledging it would remove the id it names, not the one it holds in the ack set.
+            reason = _clip(f"its redis_message_id {named!r} is not the id it is stored under")
         if reason is not None:
             entry.reason = reason
             return entry
@@ -338,65 +350,29 @@ class JobsRedisConsumer(_RedisConsumer):
             entry.reason = _clip(f"it is not a message: {type(error).__name__}: {error}")
         return entry
 
-    def _verify_ids(self, entries: Sequence[_Fetched]) -> None:
-        """A body must be stored under the id it names and that id fetched by this worker: acknowledging
-        it removes exactly that id from the ack set. One round trip per fetch."""
-        if not entries:
-            return
-        claimed = [e.message.options["redis_message_id"] for e in entries if e.message is not None]
-        with self.broker.client.pipeline(transaction=False) as pipe:
-            pipe.hmget(self.bodies_key, claimed)
-            for redis_message_id in claimed:
-                pipe.sismember(self.acks_key, redis_message_id)
-            stored, *fetched = pipe.execute()
-        for entry, redis_message_id, body, ours in zip(entries, claimed, stored, fetched, strict=True):
-            if body != entry.data or not ours:
-                entry.message = None
-                entry.reason = _clip(f"its redis_message_id {redis_message_id!r} is not the id it is stored under")
-
-    def _locate(self, rejects: Sequence[_Fetched]) -> None:
-        """Find each bad body's id: the member of this worker's ack set whose stored body equals it.
-
-        Members acknowledged meanwhile by a worker thread vanish from both the set and the hash; an id
-        whose body is gone is therefore only ever nacked harmlessly (nack of a non-member does nothing).
-        """
-        members = sorted(self.broker.client.smembers(self.acks_key))
-        bodies: dict[bytes, bytes | None] = {}
-        for start in range(0, len(members), _SCAN_CHUNK):
-            chunk = members[start : start + _SCAN_CHUNK]
-            bodies.update(zip(chunk, self.broker.client.hmget(self.bodies_key, chunk), strict=True))
-        taken: set[bytes] = set()
-        for entry in rejects:
-            if entry.data is None:
-                entry.ids = [m for m, body in bodies.items() if body is None and m not in taken]
-            else:
-                entry.ids = [m for m, body in bodies.items() if body == entry.data and m not in taken][:1]
-            taken.update(entry.ids)
-
     def _reject(self, entry: _Fetched) -> None:
         """Dead-letter one bad body (idempotent: a repeated nack finds the id gone), log it, tell its
         operation. Only the nack may raise."""
-        for member in entry.ids:
-            self.broker.do_nack(self.queue_name, member)
-        ids = [m.decode("utf-8", "backslashreplace") if isinstance(m, bytes) else str(m) for m in entry.ids]
+        self.broker.do_nack(self.queue_name, entry.redis_message_id)
+        message_id = entry.redis_message_id.decode("utf-8", "backslashreplace")
         if entry.data is None:
             logger.warning(
-                "queue %s: fetched message ids whose bodies are gone; removed %s from this worker's acknowledgements",
+                "queue %s: fetched message id %s whose body is gone; removed it from this worker's acknowledgements",
                 self.queue_name,
-                ", ".join(ids) or "nothing",
+                message_id,
             )
             return
-        message_id = ids[0] if ids else UNKNOWN_ID
+        # Not there: the body left the ack set meanwhile (a purge), so the nack dead-lettered nothing.
+        dead_lettered = self.broker.dead_lettered(self.queue_name, entry.redis_message_id)
         logger.error(
             "queue %s: message %s is malformed (%s); %s. Body: %s",
             self.queue_name,
             message_id,
             entry.reason,
-            "moved it to the dead-letter queue" if ids else "it is no longer in this worker's acknowledgements",
+            "moved it to the dead-letter queue" if dead_lettered else "it had left this worker's acknowledgements",
             preview(entry.data),
         )
-        # Not found: the body left the ack set meanwhile (a purge), so nothing was dead-lettered here.
-        if ids and entry.operation_id is not None and self.broker.on_malformed is not None:
+        if dead_lettered and entry.operation_id is not None and self.broker.on_malformed is not None:
             try:
                 self.broker.on_malformed(self.queue_name, message_id, entry.operation_id, entry.reason)
             except Exception:
@@ -418,6 +394,7 @@ class JobsRedisBroker(RedisBroker):
         self._held_lock = threading.Lock()
         #: Queues a consumer was made for: a second one follows a lost connection.
         self._consumed: set[str] = set()
+        self._fetch_script: Script | None = None
         super().__init__(**parameters)
         self.on_malformed: MalformedCallback | None = on_malformed or functools.partial(fail_malformed_operation, self)
 
@@ -445,6 +422,25 @@ class JobsRedisBroker(RedisBroker):
     def held(self, queue_name: str) -> set[str]:
         with self._held_lock:
             return set(self._held.get(queue_name, ()))
+
+    def fetch(self, queue_name: str, count: int) -> list[tuple[bytes, bytes | None]]:
+        """Move up to ``count`` message ids of the queue into this worker's ack set; each id with its body (None
+        for an id whose body is gone). Dramatiq's fetch answers the bodies alone, so telling a body stored
+        under another id than the one it names cost a second round trip per fetch."""
+        if self._fetch_script is None:
+            self._fetch_script = self.client.register_script(_FETCH)
+        consumer_keys = [
+            f"{self.namespace}:__heartbeats__",
+            f"{self.namespace}:{queue_name}",
+            self.bodies_key(queue_name),
+            f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}",
+        ]
+        count = min(count, self._max_unpack_size())
+        reply = self._fetch_script(keys=consumer_keys, args=[current_millis(), self.broker_id, count])
+        return list(zip(reply[0::2], reply[1::2], strict=True))
+
+    def dead_lettered(self, queue_name: str, redis_message_id: bytes | str) -> bool:
+        return bool(self.client.hexists(f"{self.namespace}:{xq_name(queue_name)}.msgs", redis_message_id))
 
     def bodies_key(self, queue_name: str) -> str:
         """The queue's hash of message id → body (see dispatch.lua): every copy not yet acknowledged."""

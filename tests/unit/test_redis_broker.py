@@ -442,23 +442,40 @@ def test_the_maintenance_thread_survives_redis_errors(caplog):
     assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "jobs.redis_broker")
 
 
-def test_redis_errors_while_checking_keep_the_fetched_batch(broker, monkeypatch):
-    # Given a fetched batch whose check fails once on a connection error
+def test_redis_errors_while_dead_lettering_keep_the_fetched_batch(broker, monkeypatch):
+    # Given a fetched batch with a bad body whose dead-lettering fails once on a connection error
+    _push_raw(broker, QUEUE, "bad-1", b"not json")
     good = broker.enqueue(_valid())
     consumer = broker.consume(QUEUE, prefetch=2, timeout=5)
-    real_verify = consumer._verify_ids
+    real_nack = broker.do_nack
     failures = iter([redis.ConnectionError("gone for a moment")])
 
-    def flaky_verify(entries):
+    def flaky_nack(*args):
         for error in failures:
             raise error
-        real_verify(entries)
+        return real_nack(*args)
 
-    monkeypatch.setattr(consumer, "_verify_ids", flaky_verify)
+    monkeypatch.setattr(broker, "do_nack", flaky_nack)
 
-    # When the consumer goes on, it hands the message out once Redis answers again
+    # When the consumer goes on, it dead-letters the bad body and hands the message out once Redis answers
     handed_out = _drain(consumer, broker)
     assert [m.message_id for m in handed_out] == [good.message_id]
+    assert _dead_letters(broker) == {"bad-1": b"not json"}
+    assert _acks(broker) == set()
+
+
+def test_a_copy_stored_under_another_id_than_it_names_is_dead_lettered(broker):
+    # Given a message stored under an id other than the one it names (its ack would remove the wrong id)
+    message = broker.enqueue(_valid())
+    stored_under = message.options["redis_message_id"]
+    body = broker.client.hget(broker.bodies_key(QUEUE), stored_under)
+    _push_raw(broker, QUEUE, "elsewhere", body)
+
+    # When the consumer fetches both, the one under the wrong id is dead-lettered, the other handed out
+    handed_out = _drain(broker.consume(QUEUE, prefetch=4, timeout=5), broker)
+    assert [m.options["redis_message_id"] for m in handed_out] == [stored_under]
+    assert _dead_letters(broker) == {"elsewhere": body}
+    assert _acks(broker) == set()
 
 
 def test_the_project_broker_is_a_jobs_redis_broker_with_maintenance(monkeypatch):
