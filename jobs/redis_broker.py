@@ -66,6 +66,16 @@ REASON_CHARS = 300
 #: The fields ``Message.asdict()`` writes; ``message_id`` and ``message_timestamp`` have defaults.
 _REQUIRED_FIELDS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options"})
 _FIELDS = _REQUIRED_FIELDS | {"message_id", "message_timestamp"}
+# An enqueue that also adds a member to a set first (an operation's in-flight names, see middleware.inflight), in
+# one round trip: what dispatch.lua's enqueue stores, after the SADD, as InFlight needs it to be.
+# KEYS: queue, bodies, set. ARGV: message id, body, member, the set's expiry (s).
+_ENQUEUE_ADDING = """
+redis.call('sadd', KEYS[3], ARGV[3])
+redis.call('expire', KEYS[3], ARGV[4])
+redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
+redis.call('rpush', KEYS[1], ARGV[1])
+"""
+
 # The consumer's fetch (see dispatch.lua for the keys): refresh this worker's heartbeat, move up to ARGV[3] ids
 # from the queue into this worker's ack set, answer id, body, id, body, … (a gone body answers nil).
 # KEYS: heartbeats, queue, bodies, this worker's ack set of the queue. ARGV: now (ms), worker id, count.
@@ -395,6 +405,9 @@ class JobsRedisBroker(RedisBroker):
         #: Queues a consumer was made for: a second one follows a lost connection.
         self._consumed: set[str] = set()
         self._fetch_script: Script | None = None
+        self._enqueue_script: Script | None = None
+        #: Per other client: whether it talks to this broker's Redis server.
+        self._same_server: dict[int, bool] = {}
         super().__init__(**parameters)
         self.on_malformed: MalformedCallback | None = on_malformed or functools.partial(fail_malformed_operation, self)
 
@@ -438,6 +451,39 @@ class JobsRedisBroker(RedisBroker):
         count = min(count, self._max_unpack_size())
         reply = self._fetch_script(keys=consumer_keys, args=[current_millis(), self.broker_id, count])
         return list(zip(reply[0::2], reply[1::2], strict=True))
+
+    def add_on_enqueue(self, message: Message[Any], client: redis.Redis, key: str, member: str, ttl_s: int) -> bool:
+        """From a ``before_enqueue`` hook: add ``member`` to set ``key`` (on ``client``) in the round trip that
+        enqueues ``message``, just before the message is stored. False when ``client`` talks to another Redis
+        server: the caller adds it itself then."""
+        redis_message_id = message.options.get("redis_message_id")
+        if not redis_message_id or not self._shares_server(client):
+            return False  # not on its way through this broker's enqueue, or another server
+        self._local.adding = (redis_message_id, key, member, ttl_s)
+        return True
+
+    def do_enqueue(self, queue_name: str, redis_message_id: str, data: bytes) -> None:
+        adding = getattr(self._local, "adding", None)
+        self._local.adding = None
+        # Only for the message it was asked for: a hook after the asking one may have refused that enqueue.
+        if adding is None or adding[0] != redis_message_id:
+            self._dispatch("enqueue")(queue_name, redis_message_id, data)
+            return
+        if self._enqueue_script is None:
+            self._enqueue_script = self.client.register_script(_ENQUEUE_ADDING)
+        _, key, member, ttl_s = adding
+        self._enqueue_script(
+            keys=[f"{self.namespace}:{queue_name}", self.bodies_key(queue_name), key],
+            args=[redis_message_id, data, member, ttl_s],
+        )
+
+    def _shares_server(self, client: redis.Redis) -> bool:
+        known = self._same_server.get(id(client))
+        if known is None:
+            ours, theirs = self.client.connection_pool.connection_kwargs, client.connection_pool.connection_kwargs
+            known = all(ours.get(name) == theirs.get(name) for name in ("host", "port", "path", "db"))
+            self._same_server[id(client)] = known
+        return known
 
     def dead_lettered(self, queue_name: str, redis_message_id: bytes | str) -> bool:
         return bool(self.client.hexists(f"{self.namespace}:{xq_name(queue_name)}.msgs", redis_message_id))

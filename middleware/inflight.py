@@ -81,11 +81,17 @@ class InFlight(LazyRedis, Middleware):
 
     # Before, not after, the enqueue: a worker may take, run and acknowledge a copy before the broker's
     # after-hooks run, and a name added after its removal would stay for good. The price: an enqueue
-    # that then fails (broker unreachable; the sender gets the error) leaves a name until SET_TTL_S.
+    # that then fails (broker unreachable; the sender gets the error) leaves a name until SET_TTL_S. The
+    # project's Redis broker instead adds it in the script that stores the message: both or neither, and
+    # one round trip for the two.
     def before_enqueue(self, broker: dramatiq.Broker, message: Message[Any], delay: int | None) -> None:
         operation_id = message.options.get(OPTION_OPERATION)
         if operation_id:
             key = self._key(operation_id)
+            # A broker on this Redis server adds the name in the round trip of the enqueue, first.
+            add_on_enqueue = getattr(broker, "add_on_enqueue", None)
+            if add_on_enqueue is not None and add_on_enqueue(message, self.client, key, _copy_name(message), SET_TTL_S):
+                return
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.sadd(key, _copy_name(message))
                 pipe.expire(key, SET_TTL_S)

@@ -6,12 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq import Message
 
 from jobs.broker import broker as project_broker
 from jobs.executors import InstanceCreateExecutor
 from jobs.redis_broker import JobsRedisBroker
 from middleware import find_inflight
+from middleware.inflight import Copy
 from middleware.plan import OPTION_NODE, OPTION_OPERATION
 from resources.models import OperationStatus, new_uuid
 from scheduler.janitor import is_alive
@@ -51,6 +53,58 @@ def test_acknowledging_a_copy_on_the_redis_broker_costs_no_round_trip_and_leaves
     # Then it asked Redis nothing, and the janitor, asking the broker about the name left, finds nothing alive
     assert len(inflight.copies(operation_id)) == 1
     assert not is_alive(redis_broker, operation_id)
+
+
+def test_on_the_redis_broker_a_copy_is_named_in_the_round_trip_of_its_enqueue(redis_broker, monkeypatch):
+    # Given the in-flight tracking on the broker's Redis server, unable to make a round trip of its own
+    operation_id = new_uuid()
+    inflight = find_inflight(redis_broker)
+    assert inflight is not None
+    client = inflight.client
+    monkeypatch.setattr(inflight, "_client", NoRedis())
+    monkeypatch.setattr(redis_broker, "_shares_server", lambda other: True)
+
+    # When a step of an operation is enqueued
+    queued = redis_broker.enqueue(step_of(operation_id))
+
+    # Then its name is in the operation's set, its message in the queue, and its set expires
+    monkeypatch.setattr(inflight, "_client", client)
+    assert [Copy.parse(name) for name in inflight.copies(operation_id)] == [Copy.of(queued)]
+    assert redis_broker.stores("default", queued.options["redis_message_id"])
+    assert client.ttl(inflight.keys_of(operation_id)[0]) > 0
+
+
+def test_a_name_asked_for_one_enqueue_is_not_added_with_another(redis_broker):
+    # Given a name asked for with a message whose enqueue then did not happen (a later hook refused it)
+    operation_id = new_uuid()
+    inflight = find_inflight(redis_broker)
+    assert inflight is not None
+    refused = step_of(operation_id).copy(options={"redis_message_id": "refused"})
+    assert redis_broker.add_on_enqueue(refused, inflight.client, inflight.keys_of(operation_id)[0], "name", 60)
+
+    # When another message, of no operation, is enqueued in this thread
+    other = redis_broker.enqueue(Message("default", "backend_method", (), {}, {}))
+
+    # Then it is queued alone: the name stays out
+    assert redis_broker.stores("default", other.options["redis_message_id"])
+    assert inflight.copies(operation_id) == set()
+
+
+def test_a_tracking_client_on_another_redis_server_names_copies_itself(redis_broker):
+    inflight = find_inflight(redis_broker)
+    assert inflight is not None
+    pool = inflight.client.connection_pool
+    db = (pool.connection_kwargs.get("db") or 0) + 1
+    elsewhere = redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **{**pool.connection_kwargs, "db": db}
+        )
+    )
+
+    assert redis_broker.add_on_enqueue(step_of(new_uuid()), inflight.client, "key", "name", 60) is False  # no redis id
+    message = step_of(new_uuid()).copy(options={"redis_message_id": "x"})
+    assert redis_broker.add_on_enqueue(message, elsewhere, "key", "name", 60) is False
+    assert redis_broker.add_on_enqueue(message, inflight.client, "key", "name", 60) is True
 
 
 def test_a_copy_the_broker_cannot_be_asked_about_is_forgotten_on_its_acknowledgement(redis_broker):
