@@ -39,6 +39,7 @@ from .progress import (
     complete_step,
     enqueue_all,
     fail_operation,
+    finish_in_one_statement,
     outgoing_of,
     runs_without_record,
 )
@@ -290,8 +291,12 @@ class OperationTransitions(Middleware):
             return Progress([]), None
         marked = self.marks.paths(operation_id)
         plan = self._plan_of(message)
-        with self.sessions() as session:
-            progress = complete_step(session, operation_id, path, marked, plan=plan)
+        # The last step of an operation on PostgreSQL: one statement, committed on its own (not with sessions a
+        # caller gave, which may join or watch a transaction).
+        progress = finish_in_one_statement(operation_id, path, marked, plan) if self.sessions is session_scope else None
+        if progress is None:
+            with self.sessions() as session:
+                progress = complete_step(session, operation_id, path, marked, plan=plan)
         return progress, self.chain.successor(broker, message, progress)
 
     def _still_to_record(self, operation_id: str, path: str) -> bool:

@@ -19,6 +19,7 @@ from .models import Base
 from .sqlite_turns import TurnTakingConnection
 
 __all__ = [
+    "autocommit_connection",
     "create_schema",
     "drop_schema",
     "get_engine",
@@ -191,6 +192,19 @@ def read_connection(url: str | None = None) -> Iterator[Connection | Session]:
             yield connection
         finally:
             connection.rollback()
+
+
+@contextmanager
+def autocommit_connection(url: str | None = None) -> Iterator[Connection | None]:
+    """A PostgreSQL connection whose every statement commits on its own, for a write that is one statement:
+    no BEGIN and COMMIT, two of the three round trips it would cost in a transaction. None on SQLite (its
+    writers take turns at BEGIN) and inside ``join_session`` (the caller's transaction decides)."""
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql" or (_JOINED.get() is not None and url is None):
+        yield None
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        yield connection
 
 
 @contextmanager

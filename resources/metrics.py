@@ -41,6 +41,7 @@ __all__ = [
     "janitor_rescued",
     "operation_ended",
     "operation_ended_as",
+    "operation_ended_now",
     "outbox_relayed",
     "transition_applied",
 ]
@@ -158,6 +159,11 @@ def operation_ended_as(
     session: Session, executor: str, outcome: str, created_at: datetime, finished_at: datetime | None
 ) -> None:
     """``operation_ended`` for a caller that has the operation's columns rather than its object."""
+    on_commit(session, lambda: operation_ended_now(executor, outcome, created_at, finished_at))
+
+
+def operation_ended_now(executor: str, outcome: str, created_at: datetime, finished_at: datetime | None) -> None:
+    """An operation's end, already committed, is counted now (never raises)."""
     duration_s = (finished_at - created_at).total_seconds() if finished_at else 0.0
 
     def record() -> None:
@@ -165,7 +171,7 @@ def operation_ended_as(
         metrics.operations.labels(executor, outcome).inc()
         metrics.operation_duration.labels(executor, outcome).observe(max(duration_s, 0.0))
 
-    on_commit(session, lambda: _safely(record))
+    _safely(record)
 
 
 def transition_applied(session: Session, resource_type: str, transition: str) -> None:

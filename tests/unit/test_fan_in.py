@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 
+import pytest
 from dramatiq.middleware import Middleware
-from sqlalchemy import select
+from sqlalchemy import event, select
 
+import middleware.transitions
 from jobs.executors import InstanceCreateExecutor
-from middleware.plan import OPTION_NODE
+from middleware.plan import OPTION_NODE, step_paths
 from middleware.progress import complete_step, first_steps
-from resources.db import read_scope, session_scope
-from resources.models import Instance, Operation
+from resources.db import get_engine, read_scope, session_scope
+from resources.models import Instance, Operation, StepDone
 from resources.states import State
 from tests.fixtures import RECORDER, drain, make_instance, make_tenant
 
@@ -128,3 +130,42 @@ def test_an_operations_success_is_logged_once_committed(stub_broker, stub_worker
     # every other writer waits for) was still open
     assert handle.status() == "succeeded"
     assert handler.seen == ["succeeded"]
+
+
+def test_on_postgresql_an_operations_last_step_is_recorded_in_one_statement(stub_broker, stub_worker, cloud):
+    # Given a worker counting the statements the database gets while the operation's last step is recorded
+    if get_engine().dialect.name != "postgresql":
+        pytest.skip("one statement is PostgreSQL's way; SQLite's writers take turns at BEGIN")
+    statements: list[str] = []
+    recording = threading.Event()
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if recording.is_set() and statement.lstrip().upper().startswith(("WITH", "UPDATE", "INSERT")):
+            statements.append(statement)
+
+    real_finish = middleware.transitions.finish_in_one_statement
+
+    def finish_watched(*args, **kwargs):
+        recording.set()
+        try:
+            return real_finish(*args, **kwargs)
+        finally:
+            recording.clear()
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(middleware.transitions, "finish_in_one_statement", finish_watched)
+            # When an operation runs to its end (its steps chained, marked, recorded at the end)
+            handle = InstanceCreateExecutor.execute(make_instance(make_tenant(), volumes=0))
+            drain(stub_broker)
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", count)
+
+    # Then it succeeded, its every step is in the database, and the record was one statement
+    assert handle.status() == "succeeded"
+    with read_scope() as session:
+        plan = session.get(Operation, handle.id).plan
+        recorded = set(session.scalars(select(StepDone.path).where(StepDone.operation_id == handle.id)))
+    assert set(step_paths(plan["root"])) <= recorded
+    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("WITH")

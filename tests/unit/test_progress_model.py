@@ -29,7 +29,15 @@ from sqlalchemy import select
 
 from jobs.actors import error_state_transition, state_transition
 from middleware.plan import OPTION_NODE, PlanBuilder, next_in_sequence, node_at, step_paths
-from middleware.progress import Progress, check_step, complete_step, fail_operation, first_steps, outgoing_of
+from middleware.progress import (
+    Progress,
+    check_step,
+    complete_step,
+    fail_operation,
+    finish_in_one_statement,
+    first_steps,
+    outgoing_of,
+)
 from middleware.step_marks import StepMarks
 from resources.db import read_scope, session_scope
 from resources.models import Operation, OperationStatus, StepDone, new_uuid
@@ -196,8 +204,11 @@ def succeed(run: Run, message: Message, queue: list[Message], chain: bool, knows
         assert run.ended or path in run.done, f"step {path} was held back, but it was new and its operation ran"
         return
     marked = marks.paths(run.operation_id)
-    with session_scope() as session:
-        progress = complete_step(session, run.operation_id, path, marked, plan=run.plan if knows_plan else None)
+    # A worker knowing the plan records the last step in one statement where it can (PostgreSQL), as a worker does.
+    progress = finish_in_one_statement(run.operation_id, path, marked, run.plan) if knows_plan else None
+    if progress is None:
+        with session_scope() as session:
+            progress = complete_step(session, run.operation_id, path, marked, plan=run.plan if knows_plan else None)
     if run.ended or path in run.done:  # a step that ran twice, or finished after the end: nothing follows
         assert progress == Progress([]), f"the second completion of {path} answered {progress}"
         return
@@ -310,6 +321,7 @@ def test_progress_under_duplicates_reordering_and_failures(schema, shape, data):
         with read_scope() as session:
             check = check_step(session, run.operation_id, path, marks.paths(run.operation_id))
         assert check.skip is not None and check.ended
+        assert finish_in_one_statement(run.operation_id, path, {}, run.plan) in (None, Progress([]))
         with session_scope() as session:
             assert complete_step(session, run.operation_id, path) == Progress([])
             assert complete_step(session, run.operation_id, path, plan=run.plan) == Progress([])
