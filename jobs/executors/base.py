@@ -216,24 +216,31 @@ class BaseExecutor:
                 # A statement rather than an object: the unit of work's bookkeeping for one row costs more
                 # than the insert, and nothing here reads the operation back as an object.
                 now = utcnow()
-                session.execute(
-                    _INSERT_OPERATION,
-                    {
-                        "id": operation_id,
-                        "executor": cls.executor_name(),
-                        "resource_ref": instance.ref,
-                        "plan": plan,
-                        "status": OperationStatus.SUCCEEDED if finished else OperationStatus.RUNNING,
-                        "created_at": now,
-                        "finished_at": now if finished else None,
-                    },
-                )
+                # Every column given: on PostgreSQL the outbox row rides along in the same statement, which
+                # would not apply the models' Python defaults (see outbox.stage).
+                operation_row = {
+                    "id": operation_id,
+                    "executor": cls.executor_name(),
+                    "resource_ref": instance.ref,
+                    "plan": plan,
+                    "status": OperationStatus.SUCCEEDED if finished else OperationStatus.RUNNING,
+                    "failed_step": "",
+                    "error_message": "",
+                    "error_traceback": "",
+                    "created_at": now,
+                    "finished_at": now if finished else None,
+                }
                 countdown_ms = int(countdown * 1000) if countdown else None
                 outgoing = first_steps(plan, countdown_ms if is_async else None)
-                # Written with the state change, sent after the commit; the relay sends it if this process
-                # dies in between or the broker is down.
                 scopes = scopes_of(plan)
-                outbox_id = stage(session, operation_id, outgoing, throttle_scopes=scopes) if is_async else None
+                if is_async:
+                    # Written with the state change, sent after the commit; the relay sends it if this process
+                    # dies in between or the broker is down.
+                    along = (_INSERT_OPERATION, operation_row)
+                    outbox_id = stage(session, operation_id, outgoing, throttle_scopes=scopes, along=along)
+                else:
+                    session.execute(_INSERT_OPERATION, operation_row)
+                    outbox_id = None
             if is_async:
                 on_commit(
                     session,

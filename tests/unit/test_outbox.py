@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 from dramatiq import Message
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, insert, select, update
 
 import middleware.outbox
 import middleware.outbox_claims
@@ -26,7 +26,7 @@ from middleware.progress import Outgoing
 from middleware.sent_rows import sent_rows
 from resources.backends import SimulatedConfig
 from resources.config import get_settings
-from resources.db import session_scope
+from resources.db import get_engine, session_scope
 from resources.models import Instance, Operation, OperationStatus, OutboxMessage, new_uuid, utcnow
 from resources.redis_client import get_redis
 from resources.states import State
@@ -343,3 +343,60 @@ def test_the_janitor_counts_an_operation_waiting_in_the_outbox_as_alive(stub_bro
     handle = InstanceCreateExecutor.execute(instance)
     monkeypatch.undo()
     assert is_alive(stub_broker, handle.id)
+
+
+class Inserts:
+    """The INSERT statements (with their WITH queries) the database gets while it listens."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith(("INSERT", "WITH")):
+            self.statements.append(" ".join(statement.split()))
+
+    def __enter__(self) -> Inserts:
+        event.listen(get_engine(), "before_cursor_execute", self)
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        event.remove(get_engine(), "before_cursor_execute", self)
+
+
+def test_execute_writes_its_operation_and_outbox_row_in_one_statement_on_postgresql(stub_broker):
+    # Given an instance, and the database listened to
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When an operation starts in a transaction of the caller's
+    with Inserts() as inserts, session_scope() as session:
+        handle = InstanceCreateExecutor.execute(session.get(Instance, instance.id))
+
+    # Then PostgreSQL got one statement for both rows (SQLite, which has no INSERT in WITH, got two)
+    operations = [s for s in inserts.statements if "INTO operations " in s]
+    rows = [s for s in inserts.statements if "INTO outbox " in s]
+    if get_engine().dialect.name == "postgresql":
+        assert operations == rows and len(rows) == 1
+    else:
+        assert len(operations) == len(rows) == 1 and operations != rows
+    # ... and both rows are whole
+    with session_scope() as session:
+        operation = session.get(Operation, handle.id)
+        assert (operation.status, operation.failed_step, operation.error_message) == ("running", "", "")
+        assert session.scalars(select(OutboxMessage.operation_id)).all().count(handle.id) == 1
+
+
+def test_an_insert_that_leaves_a_column_to_its_default_is_made_apart_from_the_outbox_row(stub_broker):
+    # Given an operation's insert that leaves its error columns to the models' defaults
+    operation_id = new_uuid()
+    partial = {"id": operation_id, "executor": "Probe", "resource_ref": "instance:x", "plan": {}, "status": "running"}
+    outgoing = [Outgoing(Message("default", "backend_method", (), {}, {}))]
+
+    # When it is staged along with an outbox row
+    with Inserts() as inserts, session_scope() as session:
+        stage(session, operation_id, outgoing, along=(insert(Operation.__table__), partial))
+
+    # Then it was its own statement, so the defaults were applied
+    assert len(inserts.statements) == 2
+    with session_scope() as session:
+        operation = session.get(Operation, operation_id)
+        assert (operation.failed_step, operation.error_message, operation.created_at is not None) == ("", "", True)
