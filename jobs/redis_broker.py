@@ -406,8 +406,6 @@ class JobsRedisBroker(RedisBroker):
         self._consumed: set[str] = set()
         self._fetch_script: Script | None = None
         self._enqueue_script: Script | None = None
-        #: Per other client: whether it talks to this broker's Redis server.
-        self._same_server: dict[int, bool] = {}
         super().__init__(**parameters)
         self.on_malformed: MalformedCallback | None = on_malformed or functools.partial(fail_malformed_operation, self)
 
@@ -478,12 +476,8 @@ class JobsRedisBroker(RedisBroker):
         )
 
     def _shares_server(self, client: redis.Redis) -> bool:
-        known = self._same_server.get(id(client))
-        if known is None:
-            ours, theirs = self.client.connection_pool.connection_kwargs, client.connection_pool.connection_kwargs
-            known = all(ours.get(name) == theirs.get(name) for name in ("host", "port", "path", "db"))
-            self._same_server[id(client)] = known
-        return known
+        ours, theirs = self.client.connection_pool.connection_kwargs, client.connection_pool.connection_kwargs
+        return all(ours.get(name) == theirs.get(name) for name in ("host", "port", "path", "db"))
 
     def dead_lettered(self, queue_name: str, redis_message_id: bytes | str) -> bool:
         return bool(self.client.hexists(f"{self.namespace}:{xq_name(queue_name)}.msgs", redis_message_id))
