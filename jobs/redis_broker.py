@@ -229,7 +229,7 @@ class JobsRedisConsumer(_RedisConsumer):
     @property
     def acks_key(self) -> str:
         """This worker's set of fetched, unacknowledged message ids of this queue (see dispatch.lua)."""
-        return f"{self.broker.namespace}:__acks__.{self.broker.broker_id}.{self.queue_name}"
+        return self.broker.acks_key(self.queue_name)
 
     @property
     def bodies_key(self) -> str:
@@ -444,7 +444,7 @@ class JobsRedisBroker(RedisBroker):
             f"{self.namespace}:__heartbeats__",
             f"{self.namespace}:{queue_name}",
             self.bodies_key(queue_name),
-            f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}",
+            self.acks_key(queue_name),
         ]
         count = min(count, self._max_unpack_size())
         reply = self._fetch_script(keys=consumer_keys, args=[current_millis(), self.broker_id, count])
@@ -481,6 +481,10 @@ class JobsRedisBroker(RedisBroker):
 
     def dead_lettered(self, queue_name: str, redis_message_id: bytes | str) -> bool:
         return bool(self.client.hexists(f"{self.namespace}:{xq_name(queue_name)}.msgs", redis_message_id))
+
+    def acks_key(self, queue_name: str) -> str:
+        """This worker's set of fetched, unacknowledged message ids of the queue (see dispatch.lua)."""
+        return f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
 
     def bodies_key(self, queue_name: str) -> str:
         """The queue's hash of message id → body (see dispatch.lua): every copy not yet acknowledged."""
