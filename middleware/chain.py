@@ -28,6 +28,7 @@ import contextvars
 import logging
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import dramatiq
@@ -84,6 +85,8 @@ class _ChainState(threading.local):
     fence: int | None = None
     #: The operation's plan, from the last record.
     plan: dict | None = None
+    #: The operation's marks: those the chain's first step was checked with, and the chain's own.
+    marked: dict[str, datetime] | None = None
 
 
 class StepChain:
@@ -124,6 +127,12 @@ class StepChain:
         return self._state.plan
 
     @property
+    def marked(self) -> dict[str, datetime] | None:
+        """The marks of the operation this thread's chain runs: those its first step's check read and those the
+        chain made since (see ``OperationTransitions._marks_known``)."""
+        return self._state.marked
+
+    @property
     def fence(self) -> int | None:
         """The throttle grant of the step that started this thread's chain (None: not throttled)."""
         return self._state.fence
@@ -137,12 +146,20 @@ class StepChain:
             return False
         return all(node_at(plan["root"], path)["kind"] != "par" for path in ancestors(message.options[OPTION_NODE]))
 
-    def run(self, broker: dramatiq.Broker, first: Message[Any], progress: Progress, *, fence: int | None) -> None:
-        """Run ``first`` here (``progress``, the record of the step before it, has the plan), then each step
-        that a chained step's completion passes back. Called from inside a chain, only notes the step: the
-        running loop takes it next."""
+    def run(
+        self,
+        broker: dramatiq.Broker,
+        first: Message[Any],
+        progress: Progress,
+        *,
+        fence: int | None,
+        marked: dict[str, datetime] | None = None,
+    ) -> None:
+        """Run ``first`` here (``progress``, the record of the step before it, has the plan; ``marked``, the
+        operation's marks with that record's), then each step that a chained step's completion passes back.
+        Called from inside a chain, only notes the step: the running loop takes it next."""
         state = self._state
-        state.plan = progress.plan
+        state.plan, state.marked = progress.plan, marked
         if state.running:
             state.following = first
             return
@@ -154,4 +171,5 @@ class StepChain:
                 process_here(broker, MessageProxy(following))
                 following = state.following
         finally:
-            state.running, state.current_id, state.following, state.plan = False, None, None, None
+            state.running, state.current_id, state.following = False, None, None
+            state.plan = state.marked = None

@@ -111,6 +111,9 @@ class StepCheck:
     succeeded: bool = False
     #: The operation's plan, for a step that may run (its completion may then be marked, see ``step_marks``).
     plan: dict | None = None
+    #: The marks the check went by, for a step that may run: with no group above the step, they and the marks
+    #: its chain makes are all the marks its operation can have (see ``OperationTransitions``).
+    marked: Mapping[str, datetime] = field(default_factory=dict)
 
 
 #: No step marked in Redis.
@@ -218,7 +221,7 @@ def check_step(
             skip=f"step {path} of operation {operation_id} already completed (duplicate delivery)",
             follow_up=_follow_up(session, operation_id, plan, path, marked),
         )
-    return StepCheck(plan=plan)
+    return StepCheck(plan=plan, marked=marked)
 
 
 def _follow_up(

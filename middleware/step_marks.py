@@ -27,7 +27,7 @@ from resources.config import get_settings
 
 from .redis_state import LazyRedis
 
-__all__ = ["MARKS_TTL_S", "StepMarks"]
+__all__ = ["MARKS_TTL_S", "StepMarks", "completed_at"]
 
 #: Longer than the longest delay Dramatiq allows (7 days): marks outlive the message that may act on them.
 MARKS_TTL_S = 8 * 24 * 3600
@@ -58,23 +58,24 @@ class StepMarks(LazyRedis):
         prefix = self._prefix or f"{get_settings().namespace}:steps"
         return f"{prefix}:{operation_id}"
 
-    def record(self, operation_id: str, path: str, marker: str | None = None) -> bool:
-        """Mark step ``path`` done; False, marking nothing, once the operation's chains were stopped or when
-        another ``marker`` (a name for this completion of the step: the same on a retry of the call, another
-        for each copy of the step) marked it already. The caller then records the step in the database,
-        which finds it ended or done and starts nothing."""
+    def record(self, operation_id: str, path: str, marker: str | None = None, at: float | None = None) -> bool:
+        """Mark step ``path`` done (at ``at``, seconds since the epoch; now by default); False, marking nothing,
+        once the operation's chains were stopped or when another ``marker`` (a name for this completion of the
+        step: the same on a retry of the call, another for each copy of the step) marked it already. The caller
+        then records the step in the database, which finds it ended or done and starts nothing."""
         if self._record_script is None:
             self._record_script = self.client.register_script(_RECORD)
         key = self._key(operation_id)
+        when = time.time() if at is None else at
         marked = self._record_script(
-            keys=[key, f"{key}:stopped"], args=[path, repr(time.time()), marker or uuid.uuid4().hex, MARKS_TTL_S]
+            keys=[key, f"{key}:stopped"], args=[path, repr(when), marker or uuid.uuid4().hex, MARKS_TTL_S]
         )
         return bool(marked)
 
     def paths(self, operation_id: str) -> dict[str, datetime]:
         """The operation's marked steps, with the time (naive UTC, as the models store it) each completed."""
         marks = self.client.hgetall(self._key(operation_id))
-        return {path: _completed_at(value) for path, value in marks.items()}
+        return {path: completed_at(float(value.split(" ", 1)[0])) for path, value in marks.items()}
 
     def stop_chains(self, operation_id: str) -> None:
         """Refuse every later mark of the operation: its running chains stop before their next step. Kept
@@ -95,5 +96,6 @@ class StepMarks(LazyRedis):
         self.client.delete(*self.keys_of(operation_id))
 
 
-def _completed_at(value: str) -> datetime:
-    return datetime.fromtimestamp(float(value.split(" ", 1)[0]), UTC).replace(tzinfo=None)
+def completed_at(at: float) -> datetime:
+    """A mark's completion time (seconds since the epoch) as the models store times: naive UTC."""
+    return datetime.fromtimestamp(at, UTC).replace(tzinfo=None)

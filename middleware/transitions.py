@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import time
 import traceback
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 import dramatiq
@@ -31,7 +33,7 @@ from .chain import StepChain
 from .context import StepContext, current_step, set_step_context
 from .inflight import find_inflight
 from .outbox import deliver, stage
-from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE, next_in_sequence
+from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE, finishing_alone, next_in_sequence
 from .progress import (
     Progress,
     StepCheck,
@@ -43,7 +45,7 @@ from .progress import (
     outgoing_of,
     runs_without_record,
 )
-from .step_marks import StepMarks
+from .step_marks import StepMarks, completed_at
 from .throttle import Throttle, find_throttle
 from .transient import Unavailable, retry_in_place
 
@@ -51,8 +53,13 @@ __all__ = ["OperationTransitions", "describe_error", "end_operation", "enqueue_a
 
 logger = logging.getLogger(__name__)
 
-#: The plan a delivered step's check read, by message id: its completion decides from it whether to chain.
-_CHECKED_PLAN: contextvars.ContextVar[tuple[str, dict | None]] = contextvars.ContextVar("checked_plan")
+#: What a delivered step's check read, by message id: the plan (its completion decides from it whether to chain)
+#: and the operation's marks.
+_CHECKED: contextvars.ContextVar[tuple[str, StepCheck]] = contextvars.ContextVar("checked_step")
+
+
+def _finishes_alone(plan: dict, path: str) -> bool:
+    return plan["root"] is not None and finishing_alone(plan["root"], path) is not None
 
 
 def describe_error(exception: BaseException) -> str:
@@ -144,7 +151,7 @@ class OperationTransitions(Middleware):
             check = StepCheck()
         else:
             check = self._check(operation_id, path)
-            _CHECKED_PLAN.set((message.message_id, check.plan))
+            _CHECKED.set((message.message_id, check))
         if check.skip is not None:
             logger.info("skipping %s: %s", message, check.skip)
             try:
@@ -227,13 +234,14 @@ class OperationTransitions(Middleware):
         # Decided once: a retry of the record after its mark must not change its mind (say, the worker began
         # to shut down meanwhile), or it would find its own mark and take the step for a duplicate.
         chained_next = self._chained_next(broker, message, path)
-        marker = uuid.uuid4().hex  # this completion's name in its step mark, the same through every retry
-        progress, successor = retry_in_place(
-            lambda: self._record_success(broker, message, operation_id, path, chained_next, marker),
+        # This completion's name and time in its step mark, the same through every retry.
+        marker, at = uuid.uuid4().hex, time.time()
+        progress, successor, marked = retry_in_place(
+            lambda: self._record_success(broker, message, operation_id, path, chained_next, (marker, at)),
             f"recording {what}",
         )
         if successor is not None:
-            self.chain.run(broker, successor, progress, fence=fence)
+            self.chain.run(broker, successor, progress, fence=fence, marked=marked)
             return
         # Sent after the commit and before this step's message is acknowledged: a worker killed in between
         # leaves this message to be delivered again, and its check sends what follows then. No outbox row,
@@ -266,8 +274,20 @@ class OperationTransitions(Middleware):
         """The plan of the step's operation, as its check (or, for a chained step, its chain) read it."""
         if self.chain.is_chained(message):
             return self.chain.plan
-        checked = _CHECKED_PLAN.get(None)
-        return checked[1] if checked is not None and checked[0] == message.message_id else None
+        checked = _CHECKED.get(None)
+        return checked[1].plan if checked is not None and checked[0] == message.message_id else None
+
+    def _marks_known(self, message: Message[Any]) -> dict[str, datetime] | None:
+        """The operation's marks as this worker knows them without asking Redis: those the check of its chain's
+        first step (or of this delivered step) read, and those its chain made since; None if unknown.
+
+        With no group above the step they are all its operation has: steps before the checked one were marked
+        before the check (a step starts only once its predecessor is recorded), and a mark of a later step by
+        another copy of it (a duplicate delivery) refuses this chain's own mark of that step, stopping it there."""
+        if self.chain.is_chained(message):
+            return self.chain.marked
+        checked = _CHECKED.get(None)
+        return dict(checked[1].marked) if checked is not None and checked[0] == message.message_id else None
 
     def _record_success(
         self,
@@ -276,28 +296,34 @@ class OperationTransitions(Middleware):
         operation_id: str,
         path: str,
         chained_next: tuple[Progress, Message[Any]] | None,
-        marker: str,
-    ) -> tuple[Progress, Message[Any] | None]:
-        """Record the step; return what follows it, and the step this worker runs next (None: send it)."""
+        mark: tuple[str, float],
+    ) -> tuple[Progress, Message[Any] | None, dict[str, datetime] | None]:
+        """Record the step (``mark``: the marker and time of its mark, if it gets one); return what follows it,
+        the step this worker runs next (None: send it) and, for that step, the operation's marks if known."""
         # When the step after this one runs here next, a mark in Redis records this one (see
         # middleware.step_marks): no transaction, and on SQLite no turn at the one writer. Refused once the
         # operation is being ended, or when another copy of the step marked it first: recorded below then, which
         # finds it ended or done and starts nothing.
-        if chained_next is not None and self.marks.record(operation_id, path, marker):
+        marker, at = mark
+        if chained_next is not None and self.marks.record(operation_id, path, marker, at):
             if self.chain.is_chained(message) or self._still_to_record(operation_id, path):
-                return chained_next
+                known = self._marks_known(message)
+                return *chained_next, None if known is None else {**known, path: completed_at(at)}
             self.marks.unmark(operation_id, path)
             logger.info("step %s of operation %s completed twice; the second completion is ignored", path, operation_id)
-            return Progress([]), None
-        marked = self.marks.paths(operation_id)
+            return Progress([]), None, None
         plan = self._plan_of(message)
+        # The last step of a sequence with no group above it knows its operation's marks; any other step reads
+        # them, as marks of its siblings may have come since its check.
+        known = self._marks_known(message) if plan is not None and _finishes_alone(plan, path) else None
+        marked = self.marks.paths(operation_id) if known is None else known
         # The last step of an operation on PostgreSQL: one statement, committed on its own (not with sessions a
         # caller gave, which may join or watch a transaction).
         progress = finish_in_one_statement(operation_id, path, marked, plan) if self.sessions is session_scope else None
         if progress is None:
             with self.sessions() as session:
                 progress = complete_step(session, operation_id, path, marked, plan=plan)
-        return progress, self.chain.successor(broker, message, progress)
+        return progress, self.chain.successor(broker, message, progress), None
 
     def _still_to_record(self, operation_id: str, path: str) -> bool:
         """After marking a delivered step: does its operation still run, without a record of the step? A copy

@@ -175,6 +175,30 @@ def test_a_sequence_runs_as_one_delivery_with_every_step_recorded(stub_broker, e
     assert StepMarks().paths(handle.id) == {}
 
 
+def test_a_chains_last_step_records_the_marks_it_knows_without_reading_them_again(
+    stub_broker, enqueues, stub_worker, monkeypatch
+):
+    # Given a count of the reads of an operation's marks from Redis
+    reads: list[str] = []
+    read = StepMarks.paths
+    monkeypatch.setattr(
+        StepMarks, "paths", lambda self, operation_id: reads.append(operation_id) or read(self, operation_id)
+    )
+
+    # When a five-step sequence runs as one chain
+    handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=[""] * 5)
+    drain(stub_broker)
+
+    # Then its marks were read once, by the first step's check: the last step recorded the marks its chain made,
+    # every step is in the database with the time its mark gave it, and no mark is left
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert reads == [handle.id]
+    assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
+    completed_at = done_times(handle.id)
+    assert [completed_at[p] for p in "01234"] == sorted(completed_at[p] for p in "01234")
+    assert StepMarks().paths(handle.id) == {}
+
+
 def test_a_chained_step_is_marked_in_redis_not_written_to_the_database(stub_broker, enqueues, stub_worker):
     # Given a sequence whose third step looks at what is recorded
     instance = make_instance(make_tenant(), volumes=0)
