@@ -101,6 +101,9 @@ class Settings:
     #: only one to start, on the same queue, without delay) for up to this many seconds in a row, instead
     #: of sending it through the broker; JOBS_STEP_CHAIN=off (0 here) sends every step through the broker.
     step_chain_s: float = 30.0
+    #: Ended operations whose end is older than this many days are deleted, with their step records, by the
+    #: periodic retention job; JOBS_OPERATION_RETENTION=off (0 here) keeps them forever.
+    operation_retention_days: float = 30.0
     #: Attempts of a step that hit a transient infrastructure error (database or Redis unreachable)
     #: before it fails for good; each waits twice as long as the one before, from 1 s up to 60 s.
     transient_retries: int = 10
@@ -356,6 +359,11 @@ def _read_settings() -> Settings:
         outbox_relay_interval_s=_env_number("JOBS_OUTBOX_RELAY_INTERVAL_S", 5.0, float),
         step_chain_s=_env_number("JOBS_STEP_CHAIN_S", 30.0, float) if _env_switch("JOBS_STEP_CHAIN", True) else 0.0,
         transient_retries=_env_number("JOBS_TRANSIENT_RETRIES", 10, int),
+        operation_retention_days=(
+            _env_number("JOBS_OPERATION_RETENTION_DAYS", 30.0, float)
+            if _env_switch("JOBS_OPERATION_RETENTION", True)
+            else 0.0
+        ),
         max_message_bytes=_env_number("JOBS_MAX_MESSAGE_BYTES", 256 * 1024, int),
         scheduler_timezone=_env_zone("JOBS_SCHEDULER_TIMEZONE", "UTC"),
         scheduler_lease_s=_env_number("JOBS_SCHEDULER_LEASE_S", 15.0, float),

@@ -42,6 +42,7 @@ __all__ = [
     "operation_ended",
     "operation_ended_as",
     "operation_ended_now",
+    "operations_pruned",
     "outbox_relayed",
     "transition_applied",
 ]
@@ -70,6 +71,7 @@ class Metrics:
     dedup_skips: Counter
     janitor_rescues: Counter
     outbox_relayed: Counter
+    operations_pruned: Counter
 
 
 _lock = threading.Lock()
@@ -139,6 +141,11 @@ def _create() -> Metrics:
             "Outbox rows sent by the relay because their committing process had left them unsent.",
             registry=registry,
         ),
+        operations_pruned=prom.Counter(
+            "jobs_operations_pruned_total",
+            "Ended operations the retention job deleted, with their step records.",
+            registry=registry,
+        ),
     )
 
 
@@ -197,6 +204,11 @@ def dedup_skipped(job: str, stage: str) -> None:
 
 def janitor_rescued(state: str) -> None:
     _safely(lambda: get_metrics().janitor_rescues.labels(str(state)).inc())
+
+
+def operations_pruned(count: int) -> None:
+    if count:
+        _safely(lambda: get_metrics().operations_pruned.inc(count))
 
 
 def outbox_relayed(rows: int) -> None:

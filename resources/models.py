@@ -190,7 +190,8 @@ class Operation(Base):
     error_message: Mapped[str] = mapped_column(Text, default="")
     error_traceback: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: Indexed for the retention job, which deletes ended operations by the age of their end.
+    finished_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
 
 
 class StepDone(Base):

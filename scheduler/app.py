@@ -6,6 +6,6 @@ dramatiq scheduler.app --queues background        # runs them
 
 from jobs import app as jobs_app
 
-from . import janitor, pull
+from . import janitor, pull, retention
 
-__all__ = ["janitor", "jobs_app", "pull"]
+__all__ = ["janitor", "jobs_app", "pull", "retention"]
