@@ -128,7 +128,7 @@ def test_scheduler_status_names_the_leader_and_each_jobs_last_and_next_run(stub_
     scheduler = _scheduler()
     before = scheduler_status(scheduler)
     assert (before.leader, before.lease_expires_in_s) == (None, None)
-    assert {job.name for job in before.jobs} >= {"janitor", "pull_resources"}  # other tests may declare more
+    assert {job.name for job in before.jobs} >= {"janitor", "pull_resources", "prune_operations"}  # and tests' own
     assert all(job.last_run is None for job in before.jobs)
 
     # When it leads one round
@@ -143,6 +143,7 @@ def test_scheduler_status_names_the_leader_and_each_jobs_last_and_next_run(stub_
     assert 0 < after.lease_expires_in_s <= 15
     jobs = {job.name: job for job in after.jobs}
     assert jobs["janitor"].cron == "*/10 * * * *"
+    assert jobs["prune_operations"].cron == "30 * * * *"
     assert all(job.last_run is not None and job.next_run > job.last_run for job in after.jobs)
 
 
