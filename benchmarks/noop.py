@@ -11,6 +11,7 @@ from __future__ import annotations
 import cProfile
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from resources.redis_client import get_redis
 
 from .throughput import PROFILE_ENV
 
-__all__ = ["NoopExecutor", "ThreadProfiler", "noop_step"]
+__all__ = ["NoopExecutor", "ThreadProfiler", "noop_step", "stamp_step"]
 
 
 @dramatiq.actor(queue_name=queues.DEFAULT)
@@ -37,6 +38,12 @@ def noop_step(counter: str = "") -> None:
     # Only the last step counts: the benchmark waits for the counter to reach the number of operations.
     if counter:
         get_redis().incr(counter)
+
+
+@dramatiq.actor(queue_name=queues.DEFAULT)
+def stamp_step(key: str) -> None:
+    # When it started, for the pick-up latency of an idle worker (benchmarks.idle).
+    get_redis().rpush(key, repr(time.time()))
 
 
 class NoopExecutor(BaseExecutor):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import dramatiq
 import redis
@@ -16,7 +17,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from benchmarks.throughput import PLAIN_NAMESPACE_ENV, PLAIN_QUEUE
 
-__all__ = ["broker", "plain_step"]
+__all__ = ["broker", "plain_stamp", "plain_step"]
 
 # Its own key namespace, apart from the executors'.
 broker = RedisBroker(url=os.environ["REDIS_URL"], namespace=os.environ[PLAIN_NAMESPACE_ENV])
@@ -32,3 +33,9 @@ def plain_step(counter: str = "") -> None:
     # Only the last step of a pipeline counts (see benchmarks.noop).
     if counter:
         _client().incr(counter)
+
+
+@dramatiq.actor(broker=broker, queue_name=PLAIN_QUEUE)
+def plain_stamp(key: str) -> None:
+    # When it started, for the pick-up latency of an idle worker (benchmarks.idle).
+    _client().rpush(key, repr(time.time()))

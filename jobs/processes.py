@@ -16,9 +16,6 @@ __all__ = ["ManagedProcess", "start_process", "start_scheduler", "start_worker",
 
 #: How long a worker gets to finish its in-flight steps after SIGTERM before it is killed, seconds.
 STOP_TIMEOUT_S = 30
-#: How often an idle worker looks for new messages, ms (Dramatiq's ``dramatiq_worker_timeout``; its
-#: default, 1 s, would delay a throttle hand-off to a waiting operation by up to a second).
-IDLE_POLL_MS = 10
 
 
 @dataclass
@@ -103,7 +100,7 @@ def start_worker(
     prefetch: int | None = None,
 ) -> ManagedProcess:
     """``dramatiq <module> [extra modules] --queues …``, as the Procfile's worker processes run it."""
-    environment = {"dramatiq_worker_timeout": str(IDLE_POLL_MS), **(env or {})}
+    environment = dict(env or {})
     if prefetch is not None:
         # Dramatiq's own knob: without it a busy one-thread worker holds the next message in memory.
         environment["dramatiq_queue_prefetch"] = str(prefetch)

@@ -1,6 +1,6 @@
 """Dramatiq's RedisBroker, hardened against malformed messages and with bounded recovery of dead workers.
 
-Two gaps of the stock broker are closed here:
+Three gaps of the stock broker are closed here:
 
 - **Malformed bodies.** Dramatiq's consumer decodes each fetched body in ``__next__``; a body that is not
   a message (random bytes, JSON of another shape) raises out of the consumer, whose thread then logs an
@@ -16,6 +16,11 @@ Two gaps of the stock broker are closed here:
   calls, for the queue of that call. :meth:`JobsRedisBroker.run_maintenance` runs it now, and the
   :class:`BrokerMaintenance` middleware does so in every worker every few seconds: a killed worker's
   messages are back within heartbeat timeout + interval.
+- **Polling.** Dramatiq's idle consumer polls its queue with a growing sleep of up to the worker timeout:
+  a short timeout (quick hand-offs) costs CPU and a Redis call per queue per poll even when idle, a long
+  one delays work. Here every enqueue also pushes a wake-up token, and an idle consumer blocks on the
+  token list (BLPOP) until one comes; a consumer with no room waits for a worker thread to finish a
+  message. Idle workers send nothing, and new work starts at once.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import redis
 from dramatiq import Message
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import MAINTENANCE_COMMAND_BLACKLIST, RedisBroker, _RedisConsumer
-from dramatiq.common import compute_backoff, current_millis, q_name, xq_name
+from dramatiq.common import compute_backoff, current_millis, dq_name, q_name, xq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import Middleware
 from redis.commands.core import Script
@@ -63,22 +68,32 @@ MalformedCallback = Callable[[str, str, str, str], None]
 PREVIEW_CHARS = 200
 #: Longest reason (decode error, shape problem) put in a log line or an operation's error.
 REASON_CHARS = 300
+#: Waits shorter than this, in seconds, sleep instead of blocking in Redis: Redis ends a blocked command
+#: whose timeout passed on its next event-loop turn, up to 1/hz s later (100 ms with the default hz of 10).
+SHORTEST_BLOCK_S = 0.1
 #: The fields ``Message.asdict()`` writes; ``message_id`` and ``message_timestamp`` have defaults.
 _REQUIRED_FIELDS = frozenset({"queue_name", "actor_name", "args", "kwargs", "options"})
 _FIELDS = _REQUIRED_FIELDS | {"message_id", "message_timestamp"}
-# An enqueue that also adds a member to a set first (an operation's in-flight names, see middleware.inflight), in
-# one round trip: what dispatch.lua's enqueue stores, after the SADD, as InFlight needs it to be.
-# KEYS: queue, bodies, set. ARGV: message id, body, member, the set's expiry (s).
-_ENQUEUE_ADDING = """
-redis.call('sadd', KEYS[3], ARGV[3])
-redis.call('expire', KEYS[3], ARGV[4])
+# Every enqueue of this broker (dispatch.lua's stores the same id and body, but wakes no one): store the
+# body, queue its id, and push a wake-up token for a consumer idling on the queue (see wait_for_enqueue).
+# With a set key, it first adds a member to that set (an operation's in-flight names, see middleware.inflight),
+# in the same round trip.
+# KEYS: queue, bodies, wake-ups[, set]. ARGV: message id, body[, member, the set's expiry (s)].
+_ENQUEUE = """
+if KEYS[4] then
+  redis.call('sadd', KEYS[4], ARGV[3])
+  redis.call('expire', KEYS[4], ARGV[4])
+end
 redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
 redis.call('rpush', KEYS[1], ARGV[1])
+redis.call('rpush', KEYS[3], '1')
 """
 
 # The consumer's fetch (see dispatch.lua for the keys): refresh this worker's heartbeat, move up to ARGV[3] ids
-# from the queue into this worker's ack set, answer id, body, id, body, … (a gone body answers nil).
-# KEYS: heartbeats, queue, bodies, this worker's ack set of the queue. ARGV: now (ms), worker id, count.
+# from the queue into this worker's ack set, answer id, body, id, body, … (a gone body answers nil). Then keep
+# no more wake-up tokens than messages left: every token left stands for a message still queued, so a
+# consumer woken by one finds work (or the queue empty, and the tokens gone), and the list stays bounded.
+# KEYS: heartbeats, queue, bodies, this worker's ack set of the queue, wake-ups. ARGV: now (ms), worker id, count.
 _FETCH = """
 redis.call('zadd', KEYS[1], ARGV[1], ARGV[2])
 local reply = {}
@@ -88,6 +103,12 @@ for i = 1, tonumber(ARGV[3]) do
   redis.call('sadd', KEYS[4], id)
   reply[2 * i - 1] = id
   reply[2 * i] = redis.call('hget', KEYS[3], id)
+end
+local left = redis.call('llen', KEYS[2])
+if left == 0 then
+  redis.call('del', KEYS[5])
+elseif redis.call('llen', KEYS[5]) > left then
+  redis.call('ltrim', KEYS[5], 0, left - 1)
 end
 return reply
 """
@@ -219,6 +240,10 @@ class JobsRedisConsumer(_RedisConsumer):
         self._unchecked: list[tuple[bytes, bytes | None]] = []
         self._rejects: list[_Fetched] = []
         self._settle_failures = 0
+        #: Set when a handed-out message is finished: a consumer with no room left waits for it.
+        self._room = threading.Event()
+        #: Delayed messages handed out and not yet finished: message id → when due (ms).
+        self._due: dict[str, float] = {}
 
     # Dramatiq's counts handed-out and cached messages; fetched ones still being checked count too, or the
     # consumer would fetch past its prefetch limit.
@@ -236,10 +261,19 @@ class JobsRedisConsumer(_RedisConsumer):
         return self.broker.bodies_key(self.queue_name)
 
     def __next__(self) -> MessageProxy | None:
+        """The next checked message; None after waiting in vain, so that the worker's consumer thread can look
+        at its stop flag and its delayed messages.
+
+        Nothing here polls. With room for more messages and none queued, it waits for an enqueue's wake-up
+        token (see ``JobsRedisBroker.wait_for_enqueue``); with no room, for a worker thread to finish one.
+        Either wait ends at the worker's timeout (``dramatiq_worker_timeout``), or sooner when a delayed
+        message this consumer holds is due.
+        """
         try:
             if self._recover_orphans_first:
                 self._recover_orphans()
                 self._recover_orphans_first = False
+            woken = False
             while True:
                 if self._unchecked or self._rejects:
                     try:
@@ -256,30 +290,55 @@ class JobsRedisConsumer(_RedisConsumer):
                         time.sleep(backoff_ms / 1000)
                         return None
                 if self.message_cache:
-                    message = self.message_cache.pop(0)
-                    self.misses = 0
-                    self.queued_message_ids.add(message.message_id)
-                    self.broker.handed_out(self.queue_name, message.options["redis_message_id"])
-                    return MessageProxy(message)
-                if self.outstanding_message_count < self.prefetch:
-                    fetched = self.broker.fetch(self.queue_name, self.prefetch - self.outstanding_message_count)
-                    if fetched:
-                        self._unchecked = fetched
-                        continue
-                # Nothing to hand out: long-poll progressively up to the idle timeout, as Dramatiq does.
-                self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
-                time.sleep(backoff_ms / 1000)
-                return None
+                    return self._hand_out(self.message_cache.pop(0))
+                self._room.clear()  # before counting: a message finished from now on sets it again
+                room = self.prefetch - self.outstanding_message_count
+                if room <= 0:
+                    self._room.wait(self._wait_s())
+                    return None
+                fetched = self.broker.fetch(self.queue_name, room)
+                if fetched:
+                    self._unchecked = fetched
+                    continue
+                if woken:
+                    return None  # a stale token: another consumer took that message
+                woken = self.broker.wait_for_enqueue(self.queue_name, self._wait_s())
+                if not woken:
+                    return None
         except redis.ConnectionError as error:
             raise ConnectionClosed(error) from None
 
+    def _hand_out(self, message: Message[Any]) -> MessageProxy:
+        self.queued_message_ids.add(message.message_id)
+        eta = message.options.get("eta")
+        if _is_number(eta):
+            # A delayed message: the worker's consumer thread moves it to its queue when due, after a
+            # __next__ returns; the waits here end by then.
+            self._due[message.message_id] = eta
+        self.broker.handed_out(self.queue_name, message.options["redis_message_id"])
+        return MessageProxy(message)
+
+    def _wait_s(self) -> float:
+        """How long a wait may last: the worker's timeout, or until the earliest delayed message is due."""
+        wait_ms = float(self.timeout)
+        due = list(self._due.values())  # a snapshot: acks may change the dict from other threads
+        if due:
+            wait_ms = min(wait_ms, min(due) - current_millis())
+        return wait_ms / 1000
+
+    def _finished(self, message: MessageProxy) -> None:
+        self._due.pop(message.message_id, None)
+        self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
+        self._room.set()
+
+    # Called from worker threads (and, for delayed messages, the consumer thread).
     def ack(self, message: MessageProxy) -> None:
         super().ack(message)
-        self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
+        self._finished(message)
 
     def nack(self, message: MessageProxy) -> None:
         super().nack(message)
-        self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
+        self._finished(message)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Dramatiq's, but a Redis error surfaces as the broker's connection error. Dramatiq's worker calls
@@ -290,10 +349,11 @@ class JobsRedisConsumer(_RedisConsumer):
         requeued = list(messages)
         try:
             super().requeue(requeued)
+            self.broker.wake(self.queue_name, len(requeued))
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise ConnectionClosed(error) from None
         for message in requeued:
-            self.broker.handed_back(self.queue_name, message.options["redis_message_id"])
+            self._finished(message)
 
     def _recover_orphans(self) -> None:
         """Put back the messages a previous consumer of this queue lost in a connection error.
@@ -307,6 +367,7 @@ class JobsRedisConsumer(_RedisConsumer):
         orphans = [i for i in (m.decode() for m in self.broker.client.smembers(self.acks_key)) if i not in held]
         if orphans:
             self.broker.do_requeue(self.queue_name, *orphans)
+            self.broker.wake(self.queue_name, len(orphans))
             self.logger.warning(
                 "put back %d message(s) of queue %r that a lost connection had left unprocessed",
                 len(orphans),
@@ -321,6 +382,7 @@ class JobsRedisConsumer(_RedisConsumer):
         if pending:
             try:
                 self.broker.do_requeue(self.queue_name, *pending)
+                self.broker.wake(self.queue_name, len(pending))
             except redis.RedisError as error:
                 self.logger.warning("could not requeue %d prefetched messages: %s", len(pending), error)
         super().close()
@@ -445,10 +507,45 @@ class JobsRedisBroker(RedisBroker):
             f"{self.namespace}:{queue_name}",
             self.bodies_key(queue_name),
             self.acks_key(queue_name),
+            self.wakeups_key(queue_name),
         ]
         count = min(count, self._max_unpack_size())
         reply = self._fetch_script(keys=consumer_keys, args=[current_millis(), self.broker_id, count])
         return list(zip(reply[0::2], reply[1::2], strict=True))
+
+    def wait_for_enqueue(self, queue_name: str, timeout_s: float) -> bool:
+        """Block until a message is enqueued on the queue (True) or ``timeout_s`` passes (False).
+
+        An idle consumer waits here instead of polling: each enqueue pushes a token that wakes one waiter
+        (BLPOP hands each token to one client, longest waiting first). A token may be stale (another
+        consumer took its message first): the woken consumer's fetch then finds nothing, and drops the rest.
+        Messages put back by maintenance push no token; a waiter finds them after at most ``timeout_s``.
+        """
+        # Block less long than the client waits for a reply (redis-py's default: 5 s), or the wait fails.
+        if self.read_timeout_s is not None:
+            timeout_s = min(timeout_s, self.read_timeout_s - SHORTEST_BLOCK_S)
+        if timeout_s <= 0:
+            return False
+        if timeout_s < SHORTEST_BLOCK_S:
+            time.sleep(timeout_s)  # the next fetch finds what came meanwhile
+            return False
+        try:
+            return self.client.blpop([self.wakeups_key(queue_name)], timeout=timeout_s) is not None
+        except redis.TimeoutError:
+            return False  # Redis answered later than the client waits: a wait cut short
+
+    @functools.cached_property
+    def read_timeout_s(self) -> float | None:
+        """How long the client waits for a reply: a connection made as its pool makes them (never connected)
+        tells, defaults included."""
+        pool = self.client.connection_pool
+        timeout: float | None = pool.connection_class(**pool.connection_kwargs).socket_timeout
+        return timeout
+
+    def wake(self, queue_name: str, count: int) -> None:
+        """Wake up to ``count`` consumers idling on the queue, for messages put back without an enqueue."""
+        if count > 0:
+            self.client.rpush(self.wakeups_key(queue_name), *["1"] * count)
 
     def add_on_enqueue(self, message: Message[Any], client: redis.Redis, key: str, member: str, ttl_s: int) -> bool:
         """From a ``before_enqueue`` hook: add ``member`` to set ``key`` (on ``client``) in the round trip that
@@ -461,19 +558,22 @@ class JobsRedisBroker(RedisBroker):
         return True
 
     def do_enqueue(self, queue_name: str, redis_message_id: str, data: bytes) -> None:
+        if self._enqueue_script is None:
+            self._enqueue_script = self.client.register_script(_ENQUEUE)
+        keys = [f"{self.namespace}:{queue_name}", self.bodies_key(queue_name), self.wakeups_key(queue_name)]
+        args: list[str | bytes | int] = [redis_message_id, data]
         adding = getattr(self._local, "adding", None)
         self._local.adding = None
         # Only for the message it was asked for: a hook after the asking one may have refused that enqueue.
-        if adding is None or adding[0] != redis_message_id:
-            self._dispatch("enqueue")(queue_name, redis_message_id, data)
-            return
-        if self._enqueue_script is None:
-            self._enqueue_script = self.client.register_script(_ENQUEUE_ADDING)
-        _, key, member, ttl_s = adding
-        self._enqueue_script(
-            keys=[f"{self.namespace}:{queue_name}", self.bodies_key(queue_name), key],
-            args=[redis_message_id, data, member, ttl_s],
-        )
+        if adding is not None and adding[0] == redis_message_id:
+            _, key, member, ttl_s = adding
+            keys.append(key)
+            args += [member, ttl_s]
+        self._enqueue_script(keys=keys, args=args)
+
+    def flush(self, queue_name: str) -> None:
+        super().flush(queue_name)
+        self.client.delete(self.wakeups_key(queue_name), self.wakeups_key(dq_name(queue_name)))
 
     def _shares_server(self, client: redis.Redis) -> bool:
         ours, theirs = self.client.connection_pool.connection_kwargs, client.connection_pool.connection_kwargs
@@ -485,6 +585,10 @@ class JobsRedisBroker(RedisBroker):
     def acks_key(self, queue_name: str) -> str:
         """This worker's set of fetched, unacknowledged message ids of the queue (see dispatch.lua)."""
         return f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+
+    def wakeups_key(self, queue_name: str) -> str:
+        """The queue's list of wake-up tokens: one per enqueue, none beyond the messages still queued."""
+        return f"{self.namespace}:{queue_name}.wakeups"
 
     def bodies_key(self, queue_name: str) -> str:
         """The queue's hash of message id → body (see dispatch.lua): every copy not yet acknowledged."""

@@ -137,8 +137,8 @@ def new_user_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["JOBS_DATA_DIR"] = str(tmp_path / "data")
     env["JOBS_NAMESPACE"] = f"jobs-dev-test-{uuid.uuid4().hex[:8]}"
-    # Only for the CI budget: the background worker polls its queue every second by default, which its
-    # stop waits out (worker and heavy set their own in the Procfile).
+    # Only for the CI budget: an idle worker's wait for messages lasts up to a second by default, which
+    # its stop waits out.
     env["dramatiq_worker_timeout"] = "100"
     return env
 

@@ -1,0 +1,212 @@
+"""Idle consumers of the project's Redis broker wait for a wake-up instead of polling (real Redis)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from dramatiq import Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobs.redis_broker import JobsRedisBroker
+from tests.fixtures import wait_for
+
+QUEUE = "default"
+#: Longer than any of these tests may take: a wait that is not cut short fails the test.
+LONG_WAIT_MS = 120_000
+
+
+def _new_broker(socket_timeout: float | None = None) -> JobsRedisBroker:
+    # No read timeout by default (redis-py's is 5 s): waits here last as long as they are asked to.
+    client = redis.Redis.from_url(os.environ["REDIS_URL"], socket_timeout=socket_timeout)
+    broker = JobsRedisBroker(
+        client=client,
+        namespace=f"{os.environ['JOBS_NAMESPACE']}:wake-{uuid.uuid4().hex[:8]}",
+        middleware=[],
+        maintenance_chance=0,
+    )
+    broker.declare_queue(QUEUE)
+    return broker
+
+
+def _forget(broker: JobsRedisBroker) -> None:
+    keys = list(broker.client.scan_iter(f"{broker.namespace}:*", count=1000))
+    if keys:
+        broker.client.delete(*keys)
+
+
+@pytest.fixture
+def broker() -> Iterator[JobsRedisBroker]:
+    broker = _new_broker()
+    try:
+        yield broker
+    finally:
+        _forget(broker)
+
+
+def _message(tag: str = "x") -> Message[Any]:
+    return Message(queue_name=QUEUE, actor_name="record", args=(tag,), kwargs={}, options={})
+
+
+def _blocked_clients(broker: JobsRedisBroker) -> int:
+    """Clients of the server blocked in a command (BLPOP) right now."""
+    return int(broker.client.info("clients")["blocked_clients"])
+
+
+class _InThread:
+    """One call in a daemon thread (a wait that is never cut short must not hang the run)."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.result = call()
+            except BaseException as error:
+                self.error = error
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def wait(self, timeout_s: float = 10) -> Any:
+        assert self.done.wait(timeout_s), "the call was still waiting"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_an_idle_consumer_blocks_in_redis_until_a_message_is_enqueued_and_then_hands_it_out(broker):
+    # Given a consumer of an empty queue whose wait would last two minutes
+    consumer = broker.consume(QUEUE, prefetch=2, timeout=LONG_WAIT_MS)
+    before = _blocked_clients(broker)
+    call = _InThread(lambda: next(consumer))
+
+    # When it is blocked in Redis (not polling) and a message is enqueued
+    wait_for(lambda: _blocked_clients(broker) > before, timeout_s=10)
+    sent = broker.enqueue(_message())
+
+    # Then that same call returns the message
+    received = call.wait()
+    assert received is not None and received.message_id == sent.message_id
+    consumer.ack(received)
+
+
+def test_an_idle_worker_runs_a_new_message_while_its_consumers_wait(broker):
+    # Given a real Dramatiq worker, idle, its consumers (queue and delay queue) blocked in Redis
+    processed: list[str] = []
+    dramatiq.actor(lambda tag: processed.append(tag), broker=broker, actor_name="record", queue_name=QUEUE)
+    before = _blocked_clients(broker)
+    worker = dramatiq.Worker(broker, worker_timeout=1000, worker_threads=1)
+    worker.start()
+    try:
+        wait_for(lambda: _blocked_clients(broker) >= before + 2, timeout_s=10)
+
+        # When a message and a delayed one are sent
+        broker.enqueue(_message("now"))
+        broker.enqueue(_message("soon"), delay=50)
+
+        # Then both run
+        wait_for(lambda: sorted(processed) == ["now", "soon"], timeout_s=20)
+    finally:
+        worker.stop()
+
+
+def test_a_wait_ends_when_a_held_delayed_message_is_due(broker):
+    # Given a delay-queue consumer holding one delayed message, with a wait that would last two minutes
+    broker.enqueue(_message(), delay=200)
+    consumer = broker.consume(f"{QUEUE}.DQ", prefetch=4, timeout=LONG_WAIT_MS)
+    delayed = wait_for(lambda: next(consumer), timeout_s=10)
+    assert "eta" in delayed.options
+
+    # When it is asked for more, the delay queue being empty
+    call = _InThread(lambda: next(consumer))
+
+    # Then it gives up its wait when the message is due (for the worker to move it), not after two minutes
+    assert call.wait(timeout_s=30) is None
+    consumer.ack(delayed)
+
+
+def test_a_full_consumer_looks_again_as_soon_as_a_worker_finishes_a_message(broker):
+    # Given a consumer with no room left (prefetch 1, one message handed out) and another message queued
+    first, second = broker.enqueue(_message("1")), broker.enqueue(_message("2"))
+    consumer = broker.consume(QUEUE, prefetch=1, timeout=LONG_WAIT_MS)
+    handed_out = wait_for(lambda: next(consumer), timeout_s=10)
+    assert handed_out.message_id == first.message_id
+    call = _InThread(lambda: next(consumer))
+
+    # When a worker thread finishes the first one
+    consumer.ack(handed_out)
+
+    # Then the waiting call returns, and the next one hands out the second message
+    assert call.wait() is None
+    assert next(consumer).message_id == second.message_id
+
+
+def test_messages_a_closing_consumer_puts_back_wake_a_waiting_consumer(broker):
+    # Given a worker's consumer holding two messages (one handed out, one prefetched) ...
+    broker.enqueue(_message("1"))
+    broker.enqueue(_message("2"))
+    closing = broker.consume(QUEUE, prefetch=2, timeout=LONG_WAIT_MS)
+    handed_out = wait_for(lambda: next(closing), timeout_s=10)
+    # ... and another worker's consumer waiting on the empty queue
+    other_worker = _new_broker()
+    other_worker.namespace = broker.namespace
+    waiting = other_worker.consume(QUEUE, prefetch=2, timeout=LONG_WAIT_MS)
+    before = _blocked_clients(broker)
+    call = _InThread(lambda: next(waiting))
+    wait_for(lambda: _blocked_clients(broker) > before, timeout_s=10)
+
+    # When the first consumer closes (an error, a shutdown) and puts its prefetched message back
+    closing.close()
+
+    # Then the waiting consumer gets it at once
+    received = call.wait()
+    assert received is not None and received.message_id != handed_out.message_id
+    waiting.ack(received)
+
+
+def test_a_client_timeout_shorter_than_the_wait_ends_the_wait_instead_of_failing(broker):
+    # Given a broker whose Redis client times out reads after 0.3 s, and a consumer waiting up to 2 minutes
+    impatient = _new_broker(socket_timeout=0.3)
+    consumer = impatient.consume(QUEUE, prefetch=1, timeout=LONG_WAIT_MS)
+
+    # When it waits on the empty queue, its wait ends with nothing rather than an error
+    assert _InThread(lambda: next(consumer)).wait() is None
+
+    # And a message sent afterwards is still handed out
+    sent = impatient.enqueue(_message())
+    assert wait_for(lambda: next(consumer), timeout_s=10).message_id == sent.message_id
+    _forget(impatient)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.one_of(st.just(0), st.integers(min_value=1, max_value=4)), min_size=1, max_size=25))
+def test_wake_up_tokens_match_the_queued_messages(broker: JobsRedisBroker, steps: list[int]) -> None:
+    # Given any mix of enqueues (0) and fetches of up to k messages (k)
+    queue_key, tokens_key = f"{broker.namespace}:{QUEUE}", broker.wakeups_key(QUEUE)
+    broker.flush(QUEUE)
+    for step in steps:
+        if step == 0:
+            broker.enqueue(_message())
+        else:
+            broker.fetch(QUEUE, step)
+        # Then after each there is exactly one token per queued message: none lost, none piling up
+        assert broker.client.llen(tokens_key) == broker.client.llen(queue_key)
+    broker.client.delete(broker.acks_key(QUEUE))
+
+
+def test_flushing_a_queue_drops_its_tokens(broker):
+    broker.enqueue(_message())
+    broker.enqueue(_message(), delay=60_000)
+    broker.flush(QUEUE)
+    assert not broker.client.exists(broker.wakeups_key(QUEUE), broker.wakeups_key(f"{QUEUE}.DQ"))
