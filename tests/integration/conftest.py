@@ -15,6 +15,11 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from jobs import queues
 from tests.conftest import GIVEN_SERVERS
 
+# Only for the CI budget: a stopping worker process waits out its threads' current waits, each up to
+# dramatiq_worker_timeout (Dramatiq's default, 1 s), and these tests stop many. Idle consumers still block
+# until woken whatever the timeout (tests/unit/test_redis_wakeups.py waits minutes).
+os.environ.setdefault("dramatiq_worker_timeout", "100")
+
 
 def queued_messages(broker: dramatiq.Broker, queue_name: str) -> int:
     """Messages ready in a queue, on either broker."""
