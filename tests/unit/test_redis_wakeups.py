@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -210,3 +212,41 @@ def test_flushing_a_queue_drops_its_tokens(broker):
     broker.enqueue(_message(), delay=60_000)
     broker.flush(QUEUE)
     assert not broker.client.exists(broker.wakeups_key(QUEUE), broker.wakeups_key(f"{QUEUE}.DQ"))
+
+
+def test_consumers_of_several_workers_take_every_message_of_a_bursty_stream_exactly_once(broker):
+    # Given three workers' consumers (prefetch 1, 2, 3) whose waits would each last two minutes: a lost
+    # wake-up would leave a message queued while all of them wait, and the stream would stall
+    received: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def consume(prefetch: int) -> None:
+        worker = _new_broker()
+        worker.namespace = broker.namespace
+        consumer = worker.consume(QUEUE, prefetch=prefetch, timeout=LONG_WAIT_MS)
+        while not stop.is_set():
+            message = next(consumer)
+            if message is not None:
+                with lock:
+                    received.append(message.message_id)
+                consumer.ack(message)
+
+    for prefetch in (1, 2, 3):
+        threading.Thread(target=consume, args=(prefetch,), daemon=True).start()
+
+    # When 300 messages arrive in bursts of 1 to 20, with pauses in which the consumers go idle
+    rng = random.Random(7)
+    sent: list[str] = []
+    try:
+        while len(sent) < 300:
+            for _ in range(min(rng.randint(1, 20), 300 - len(sent))):
+                sent.append(broker.enqueue(_message()).message_id)
+            time.sleep(rng.uniform(0, 0.005))  # shapes the load; nothing waits on it
+
+        # Then every message is handed out, and only once
+        wait_for(lambda: len(received) >= len(sent), timeout_s=60)
+        assert sorted(received) == sorted(sent)
+    finally:
+        stop.set()
+        broker.wake(QUEUE, 3)  # let the waiting consumers see the stop
