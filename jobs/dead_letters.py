@@ -70,7 +70,8 @@ NOT_RECORDED = (
 )
 
 # Move one dead letter back to its queue if its body is still the one read.
-# KEYS: dead-letter set, dead-letter bodies, queue list, queue bodies. ARGV: id, body read, new body.
+# KEYS: dead-letter set, dead-letter bodies, queue list, queue bodies, wake-up tokens. ARGV: id, body read,
+# new body. A moved message gets a wake-up token, as an enqueue leaves one.
 # Returns 1 moved, 0 gone, 2 gone and on its queue already (another requeue won), 3 body changed.
 _MOVE = """
 local body = redis.call('HGET', KEYS[2], ARGV[1])
@@ -83,6 +84,7 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
 redis.call('RPUSH', KEYS[3], ARGV[1])
+redis.call('RPUSH', KEYS[5], '1')
 return 1
 """
 
@@ -119,6 +121,12 @@ class QueueKeys:
     def bodies(self) -> str:
         """Hash id → body of every message of the queue not yet acknowledged (waiting or fetched)."""
         return f"{self.namespace}:{self.queue}.msgs"
+
+    @property
+    def wakeups(self) -> str:
+        """The project's broker: a token per queued message, that an idle consumer waits for (see
+        ``JobsRedisBroker.wait_for_enqueue``)."""
+        return f"{self.namespace}:{self.queue}.wakeups"
 
     @property
     def delayed_bodies(self) -> str:
@@ -509,7 +517,7 @@ class DeadLetters(QueueSelection):
         keys = self.keys(queue)
         moved = int(
             self._move(
-                keys=[keys.dead, keys.dead_bodies, keys.ready, keys.bodies],
+                keys=[keys.dead, keys.dead_bodies, keys.ready, keys.bodies, keys.wakeups],
                 args=[message_id, body.raw, message.encode()],
             )
         )

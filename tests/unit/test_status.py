@@ -291,6 +291,7 @@ def test_requeue_moves_it_back_under_its_id_with_its_attempts_forgotten(redis_br
     operation_id = _failed_operation()
     redis_id = _dead_letter(redis_broker, _step(operation_id, retries=3, traceback="Traceback...\nOops"))
     keys = QueueKeys(redis_broker.namespace, QUEUE)
+    tokens = redis_broker.client.llen(redis_broker.wakeups_key(QUEUE))
 
     # When it is requeued
     (result,) = DeadLetters(redis_broker).requeue([redis_id])
@@ -301,6 +302,8 @@ def test_requeue_moves_it_back_under_its_id_with_its_attempts_forgotten(redis_br
     assert "does not resume an operation" in result.detail
     assert redis_broker.client.zcard(keys.dead) == 0 and redis_broker.client.hlen(keys.dead_bodies) == 0
     assert [i.decode() for i in redis_broker.client.lrange(keys.ready, 0, -1)] == [redis_id]
+    # ... with a token that wakes an idle consumer, as an enqueue leaves
+    assert keys.wakeups == redis_broker.wakeups_key(QUEUE) and redis_broker.client.llen(keys.wakeups) == tokens + 1
     # ... its retry count and traceback are gone, and the in-flight tracking knows it again
     body = json.loads(redis_broker.client.hget(keys.bodies, redis_id))
     assert "retries" not in body["options"] and "traceback" not in body["options"]
