@@ -20,7 +20,8 @@ Three gaps of the stock broker are closed here:
   a short timeout (quick hand-offs) costs CPU and a Redis call per queue per poll even when idle, a long
   one delays work. Here every enqueue also pushes a wake-up token, and an idle consumer blocks on the
   token list (BLPOP) until one comes; a consumer with no room waits for a worker thread to finish a
-  message. Idle workers send nothing, and new work starts at once.
+  message. An idle consumer asks Redis once per worker timeout instead of every few ms, and new work
+  starts at once.
 """
 
 from __future__ import annotations
