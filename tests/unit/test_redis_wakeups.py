@@ -191,6 +191,26 @@ def test_a_client_timeout_shorter_than_the_wait_ends_the_wait_instead_of_failing
     _forget(impatient)
 
 
+def test_a_wait_stays_within_the_clients_read_timeout(broker):
+    # Given a client that gives up on a reply after 0.3 s
+    impatient = _new_broker(socket_timeout=0.3)
+    connection_before = impatient.client.client_id()
+
+    # When a consumer would wait a minute, the wait ends in time: the connection was not dropped
+    assert impatient.wait_for_enqueue(QUEUE, 60) is False
+    assert impatient.client.client_id() == connection_before
+
+
+def test_a_wait_that_outlasts_the_read_timeout_anyway_ends_empty_instead_of_failing(broker):
+    # Given a client that gives up after 0.3 s, but a broker that does not know it (as when Redis ends a
+    # blocked command up to 1/hz s late)
+    impatient = _new_broker(socket_timeout=0.3)
+    impatient.read_timeout_s = None
+
+    # When a consumer waits a minute, the client's timeout ends the wait as if it were over
+    assert impatient.wait_for_enqueue(QUEUE, 60) is False
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(st.one_of(st.just(0), st.integers(min_value=1, max_value=4)), min_size=1, max_size=25))
 def test_wake_up_tokens_match_the_queued_messages(broker: JobsRedisBroker, steps: list[int]) -> None:
