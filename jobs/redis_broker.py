@@ -114,6 +114,20 @@ end
 return reply
 """
 
+# After maintenance, which puts dead workers' messages back without an enqueue: push tokens until there are
+# as many as messages queued (at most ARGV[1] at once: more would only wake consumers that find nothing).
+# KEYS: queue, wake-ups. ARGV: most tokens to push. Answers how many it pushed.
+_TOP_UP = """
+local missing = math.min(redis.call('llen', KEYS[1]) - redis.call('llen', KEYS[2]), tonumber(ARGV[1]))
+if missing <= 0 then return 0 end
+local tokens = {}
+for i = 1, missing do tokens[i] = '1' end
+redis.call('rpush', KEYS[2], unpack(tokens))
+return missing
+"""
+#: The most wake-up tokens one top-up pushes (far more than the consumers that could be waiting).
+TOP_UP_MAX = 1000
+
 
 def preview(data: bytes | str | None, limit: int = PREVIEW_CHARS) -> str:
     """A printable, clipped rendering of a message body for a log line."""
@@ -469,6 +483,7 @@ class JobsRedisBroker(RedisBroker):
         self._consumed: set[str] = set()
         self._fetch_script: Script | None = None
         self._enqueue_script: Script | None = None
+        self._top_up_script: Script | None = None
         super().__init__(**parameters)
         self.on_malformed: MalformedCallback | None = on_malformed or functools.partial(fail_malformed_operation, self)
 
@@ -520,7 +535,7 @@ class JobsRedisBroker(RedisBroker):
         An idle consumer waits here instead of polling: each enqueue pushes a token that wakes one waiter
         (BLPOP hands each token to one client, longest waiting first). A token may be stale (another
         consumer took its message first): the woken consumer's fetch then finds nothing, and drops the rest.
-        Messages put back by maintenance push no token; a waiter finds them after at most ``timeout_s``.
+        Messages put back by maintenance get their tokens when it ends (``run_maintenance``).
         """
         # Block less long than the client waits for a reply (redis-py's default: 5 s), or the wait fails.
         if self.read_timeout_s is not None:
@@ -542,6 +557,14 @@ class JobsRedisBroker(RedisBroker):
         pool = self.client.connection_pool
         timeout: float | None = pool.connection_class(**pool.connection_kwargs).socket_timeout
         return timeout
+
+    def top_up_wakeups(self, queue_name: str) -> int:
+        """Push wake-up tokens until the queue has one per queued message (at most ``TOP_UP_MAX``), for messages
+        that came back without an enqueue; returns how many it pushed."""
+        if self._top_up_script is None:
+            self._top_up_script = self.client.register_script(_TOP_UP)
+        keys = [f"{self.namespace}:{queue_name}", self.wakeups_key(queue_name)]
+        return int(self._top_up_script(keys=keys, args=[TOP_UP_MAX]))
 
     def wake(self, queue_name: str, count: int) -> None:
         """Wake up to ``count`` consumers idling on the queue, for messages put back without an enqueue."""
@@ -606,7 +629,8 @@ class JobsRedisBroker(RedisBroker):
 
     def run_maintenance(self, queue_names: Iterable[str] | None = None) -> None:
         """Run Dramatiq's maintenance now for each queue (all declared ones by default): put dead workers'
-        unacknowledged messages back in their queue and drop expired dead letters.
+        unacknowledged messages back in their queue and drop expired dead letters. Then each queue gets the
+        wake-up tokens of what came back, so idle consumers take it at once.
 
         dispatch.lua runs maintenance, when asked, for the queue of the call at hand, before the command;
         ``qsize`` only reads, so it is the vehicle.
@@ -616,6 +640,7 @@ class JobsRedisBroker(RedisBroker):
         try:
             for name in names:
                 self.do_qsize(name)
+                self.top_up_wakeups(name)
         finally:
             self._local.forced = False
 

@@ -177,6 +177,43 @@ def test_messages_a_closing_consumer_puts_back_wake_a_waiting_consumer(broker):
     waiting.ack(received)
 
 
+def test_messages_maintenance_puts_back_wake_a_waiting_consumer(broker):
+    # Given a worker that fetched a message and died (its heartbeat long stale) ...
+    dead = _new_broker()
+    dead.namespace = broker.namespace
+    sent = broker.enqueue(_message())
+    assert [message_id for message_id, _ in dead.fetch(QUEUE, 1)] == [sent.options["redis_message_id"].encode()]
+    long_ago_ms = int(time.time() * 1000) - 10 * broker.heartbeat_timeout
+    broker.client.zadd(f"{broker.namespace}:__heartbeats__", {dead.broker_id: long_ago_ms})
+    # ... and another worker's consumer waiting on the queue, empty now
+    other_worker = _new_broker()
+    other_worker.namespace = broker.namespace
+    waiting = other_worker.consume(QUEUE, prefetch=1, timeout=LONG_WAIT_MS)
+    before = _blocked_clients(broker)
+    call = _InThread(lambda: next(waiting))
+    wait_for(lambda: _blocked_clients(broker) > before, timeout_s=10)
+
+    # When maintenance puts the dead worker's message back
+    broker.run_maintenance()
+
+    # Then the waiting consumer gets it at once, and no token is left over
+    received = call.wait()
+    assert received is not None and received.message_id == sent.message_id
+    waiting.ack(received)
+    assert broker.client.llen(broker.wakeups_key(QUEUE)) == 0
+
+
+def test_a_top_up_pushes_only_the_missing_tokens_and_at_most_its_cap(broker, monkeypatch):
+    # Messages with tokens get no more; messages put in the list by hand get theirs, up to the cap
+    broker.enqueue(_message())
+    assert broker.top_up_wakeups(QUEUE) == 0
+    monkeypatch.setattr("jobs.redis_broker.TOP_UP_MAX", 3)
+    broker.client.rpush(f"{broker.namespace}:{QUEUE}", *[f"by-hand-{i}" for i in range(5)])
+    assert broker.top_up_wakeups(QUEUE) == 3
+    assert broker.top_up_wakeups(QUEUE) == 2
+    assert broker.client.llen(broker.wakeups_key(QUEUE)) == 6
+
+
 def test_a_client_timeout_shorter_than_the_wait_ends_the_wait_instead_of_failing(broker):
     # Given a broker whose Redis client times out reads after 0.3 s, and a consumer waiting up to 2 minutes
     impatient = _new_broker(socket_timeout=0.3)
