@@ -25,7 +25,6 @@ too); otherwise a private embedded Redis. Every worker process and key it made i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -42,7 +41,8 @@ from rich.table import Table
 
 from jobs.processes import ManagedProcess, start_worker
 
-from .throttle import BOOT_TIMEOUT_S, clean_up_on_sigterm, prepare_environment
+from .entry import report
+from .throttle import BOOT_TIMEOUT_S, prepare_environment
 from .throughput import PLAIN_NAMESPACE_ENV, PLAIN_QUEUE, delete_keys, machine_info
 
 __all__ = ["Figures", "group_cpu_s", "main", "run"]
@@ -255,19 +255,13 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    clean_up_on_sigterm()
-    try:
-        result = run(
+    return report(
+        lambda: run(
             idle_s=options.idle_s, samples=options.samples, processes=options.processes, threads=options.threads
-        )
-    except KeyboardInterrupt:
-        console.print("[red]interrupted; workers stopped and keys deleted[/]")
-        return 130
-    if options.json:
-        print(json.dumps(result, indent=2))
-    else:
-        render(result, Console())
-    return 0
+        ),
+        json_output=options.json,
+        render=render,
+    )
 
 
 if __name__ == "__main__":

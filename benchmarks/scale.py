@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
@@ -61,8 +60,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .entry import report
 from .metrics import percentile
-from .throttle import clean_up_on_sigterm
 from .throughput import DATABASES, DEFAULT_POSTGRES_URL, machine_info, shown_database_url, throwaway_postgres
 
 __all__ = [
@@ -830,16 +829,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     # Every cancel logs a warning; without a handler Python writes each to stderr, flooding the progress lines.
     logging.getLogger().addHandler(logging.NullHandler())
-    clean_up_on_sigterm()
-    try:
-        result = run(options)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted; servers stopped, rows and keys deleted[/]")
-        return 130
-    if options.json_output:
-        print(json.dumps(result, indent=2))
-    else:
-        render(result, Console())
+    return report(
+        lambda: run(options),
+        json_output=options.json_output,
+        render=render,
+        exit_status=_failed_checks,
+        undone="servers stopped, rows and keys deleted",
+    )
+
+
+def _failed_checks(result: dict[str, Any]) -> int:
     checks = [
         level["checks"]
         for path in ("throttle_store_path", "executor_path")

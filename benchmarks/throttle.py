@@ -39,13 +39,11 @@ off (``JOBS_THROTTLE=off`` in the workers and in this process), alternated twice
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -55,11 +53,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from .entry import report
 
 __all__ = ["Options", "main", "run"]
 
@@ -775,28 +774,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     return options
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def clean_up_on_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C, so a benchmark stopped either way removes what it made."""
-    signal.signal(signal.SIGTERM, _interrupt)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    clean_up_on_sigterm()
-    try:
-        result = run(options)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted; workers stopped and keys deleted[/]")
-        return 130
-    if options.json_output:
-        print(json.dumps(result, indent=2))
-    else:
-        render(result, Console())
-    return 0
+    return report(lambda: run(options), json_output=options.json_output, render=render)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import platform
 import pstats
@@ -48,11 +47,11 @@ from rich.table import Table
 
 from jobs.processes import ManagedProcess, start_process, start_worker
 
+from .entry import report
 from .throttle import (
     BOOT_TIMEOUT_S,
     Environment,
     clean_up,
-    clean_up_on_sigterm,
     create_tenant,
     operation_statuses,
     prepare_environment,
@@ -833,16 +832,10 @@ def parse_options(argv: Sequence[str] | None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
-    clean_up_on_sigterm()
-    try:
-        result = run(options)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted; workers stopped and keys deleted[/]")
-        return 130
-    if options.json_output:
-        print(json.dumps(result, indent=2))
-    else:
-        render(result, Console())
+    return report(lambda: run(options), json_output=options.json_output, render=render, exit_status=_failed)
+
+
+def _failed(result: dict[str, Any]) -> int:
     return 1 if any(figures["error"] for figures in result["variants"].values()) else 0
 
 
