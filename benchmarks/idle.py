@@ -41,11 +41,12 @@ from rich.table import Table
 
 from jobs.processes import ManagedProcess, start_worker
 
+from .cpu import group_cpu_s
 from .entry import report
 from .throttle import BOOT_TIMEOUT_S, prepare_environment
 from .throughput import PLAIN_NAMESPACE_ENV, PLAIN_QUEUE, delete_keys, machine_info
 
-__all__ = ["Figures", "group_cpu_s", "main", "run"]
+__all__ = ["Figures", "main", "run"]
 
 VARIANTS = ("plain_dramatiq_10ms", "plain_dramatiq_default", "project")
 #: Longest wait for one stamped message, seconds.
@@ -67,22 +68,6 @@ class Figures:
             "pick_up_ms_p50": round(statistics.median(ordered), 2),
             "pick_up_ms_max": round(ordered[-1], 2),
         }
-
-
-def group_cpu_s(group_id: int) -> float:
-    """CPU seconds (user + system) spent so far by the live processes of a process group (Linux only)."""
-    ticks = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-        if int(fields[2]) == group_id:  # pgrp
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _commands_processed(client: Any) -> int:

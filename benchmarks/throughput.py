@@ -47,6 +47,7 @@ from rich.table import Table
 
 from jobs.processes import ManagedProcess, start_process, start_worker
 
+from .cpu import read_cpu
 from .entry import report
 from .throttle import (
     BOOT_TIMEOUT_S,
@@ -78,6 +79,9 @@ DATABASES = ("sqlite", "postgresql")
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: Steps of every operation, in all three variants.
 STEPS = 5
+#: Where a round's CPU went (``benchmarks.cpu``): this process (enqueueing, and a cheap wait for the end), the
+#: variant's worker processes, the Redis server, and the rest of the machine (the database server, others).
+CPU_PARTS = ("this_process", "workers", "redis", "rest")
 # What the worker modules (noop*.py) read from the environment, and their queues: set before they are imported.
 PLAIN_NAMESPACE_ENV = "BENCH_PLAIN_NAMESPACE"
 PLAIN_QUEUE = "default"
@@ -122,12 +126,15 @@ class Options:
 @dataclass(frozen=True)
 class Run:
     """One timed round: operations enqueued, seconds spent enqueueing, seconds until all had completed, and
-    the CPU seconds the whole machine spent meanwhile (None where it cannot be read)."""
+    the CPU seconds the whole machine spent meanwhile (None where it cannot be read), and of that, each
+    part's."""
 
     operations: int
     enqueue_s: float
     total_s: float
     cpu_s: float | None = None
+    #: The CPU seconds of each part (``CpuReading.since``): this process, the workers, Redis, the rest.
+    cpu_parts: Mapping[str, float | None] = field(default_factory=dict)
 
     @property
     def ops_per_s(self) -> float:
@@ -137,20 +144,9 @@ class Run:
     def cpu_ms_per_op(self) -> float | None:
         return None if self.cpu_s is None or not self.operations else self.cpu_s * 1000 / self.operations
 
-
-def machine_cpu_s() -> float | None:
-    """CPU seconds the machine has spent busy since it booted, over all its CPUs (Linux's /proc/stat); None
-    elsewhere. Machine-wide on purpose: an operation's cost is also in Redis, the database server and the
-    worker processes, and a round's difference of two readings counts all of it."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(value) for value in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    if len(fields) < 5:
-        return None
-    idle = fields[3] + fields[4]  # idle and iowait; guest time is counted in user already
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+    def part_ms_per_op(self, part: str) -> float | None:
+        seconds = self.cpu_parts.get(part)
+        return None if seconds is None or not self.operations else seconds * 1000 / self.operations
 
 
 @dataclass
@@ -179,11 +175,23 @@ class VariantOutcome:
         value = percentile(costs, 0.5)
         return None if value is None else round(value, 2)
 
+    def cpu_ms_per_op_by_part(self) -> dict[str, float | None]:
+        """Of the CPU an operation costs, the median round's milliseconds in each part (see ``CPU_PARTS``)."""
+        from benchmarks.metrics import percentile
+
+        by_part: dict[str, float | None] = {}
+        for part in CPU_PARTS:
+            costs = [cost for run in self.runs if (cost := run.part_ms_per_op(part)) is not None]
+            value = percentile(costs, 0.5) if costs and self.error is None else None
+            by_part[part] = None if value is None else round(value, 2)
+        return by_part
+
     def summary(self) -> dict[str, Any]:
         return {
             "ops_per_s": self.ops_per_s(),
             "runs_ops_per_s": [round(run.ops_per_s, 1) for run in self.runs],
             "cpu_ms_per_op": self.cpu_ms_per_op(),
+            "cpu_ms_per_op_by_part": self.cpu_ms_per_op_by_part(),
             "enqueue_s": [round(run.enqueue_s, 3) for run in self.runs],
             "total_s": [round(run.total_s, 3) for run in self.runs],
             "workers": self.workers,
@@ -214,8 +222,9 @@ def build_result(
         "celery_ops_per_s": rates["celery"],
         "ratio_vs_dramatiq": ratio(rates["executors"], rates["plain_dramatiq"]),
         "ratio_vs_celery": ratio(rates["executors"], rates["celery"]),
-        # Where a ratio comes from: what one operation costs the whole machine in CPU, per variant.
+        # Where a ratio comes from: what one operation costs the whole machine in CPU, per variant, and where.
         "cpu_ms_per_op": {name: outcome.cpu_ms_per_op() for name, outcome in outcomes.items()},
+        "cpu_ms_per_op_by_part": {name: outcome.cpu_ms_per_op_by_part() for name, outcome in outcomes.items()},
         "database": options.database,
         "database_url": database_url,
         "operations": options.operations,
@@ -600,7 +609,8 @@ def measure(variant: Variant, count: int, label: str, timeout_s: float) -> Run:
     client = get_redis()
     counter = variant.counter_key(label)
     prepared = variant.prepare(count)
-    cpu_before = machine_cpu_s()
+    groups = [worker.process.pid for worker in variant.workers]  # each worker command leads its process group
+    cpu_before = read_cpu(groups, client)
     started = time.perf_counter()
     sent = variant.enqueue(prepared, counter)
     enqueued = time.perf_counter()
@@ -609,9 +619,8 @@ def measure(variant: Variant, count: int, label: str, timeout_s: float) -> Run:
     wait_until(lambda: int(client.get(counter) or 0) >= count, variant=variant, deadline=deadline, what=what)
     wait_until(lambda: variant.finished(sent), variant=variant, deadline=deadline, what=what)
     total_s = time.perf_counter() - started
-    cpu_after = machine_cpu_s()
-    cpu_s = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    return Run(count, enqueued - started, total_s, cpu_s)
+    spent = read_cpu(groups, client).since(cpu_before)
+    return Run(count, enqueued - started, total_s, spent["machine"], spent)
 
 
 def run_variant(environment: Environment, options: Options, name: str) -> tuple[VariantOutcome, dict[str, Any]]:
@@ -765,14 +774,17 @@ def render(result: dict[str, Any], out: Console) -> None:
         ),
         title_justify="left",
     )
-    for column in ("variant", "ops/s (median)", "rounds ops/s", "CPU ms/op", "workers", "error"):
+    columns = ("variant", "ops/s (median)", "rounds ops/s", "CPU ms/op", "of it: this process / workers / Redis / rest")
+    for column in (*columns, "workers", "error"):
         table.add_column(column)
     for name, figures in result["variants"].items():
+        by_part = figures.get("cpu_ms_per_op_by_part", {})
         table.add_row(
             name,
             str(figures["ops_per_s"]),
             ", ".join(map(str, figures["runs_ops_per_s"])),
             str(figures["cpu_ms_per_op"]),
+            " / ".join(str(by_part.get(part)) for part in CPU_PARTS),
             figures["workers"],
             figures["error"] or "",
         )

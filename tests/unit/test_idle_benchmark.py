@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from benchmarks.idle import Figures, group_cpu_s, parse_options
+from benchmarks.cpu import group_cpu_s
+from benchmarks.idle import Figures, parse_options
 from tests.fixtures import wait_for
 
 

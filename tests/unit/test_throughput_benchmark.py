@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from benchmarks.cpu import CpuReading, machine_cpu_s
 from benchmarks.throughput import (
     REPO_ROOT,
     VARIANTS,
@@ -18,7 +19,6 @@ from benchmarks.throughput import (
     VariantOutcome,
     build_result,
     celery_broker_url,
-    machine_cpu_s,
     parse_options,
     profile_summary,
     ratio,
@@ -213,3 +213,24 @@ def test_the_machines_cpu_time_is_read_and_grows_with_work():
     while now is not None and now < before + 0.05 and time.monotonic() < give_up:
         now = machine_cpu_s()
     assert now is not None and now >= before + 0.05
+
+
+def test_a_rounds_cpu_is_split_into_this_process_the_workers_redis_and_the_rest():
+    before = CpuReading(machine=10.0, this_process=1.0, workers=2.0, redis=0.5)
+    after = CpuReading(machine=13.0, this_process=1.5, workers=3.5, redis=0.75)
+    assert after.since(before) == {"machine": 3.0, "this_process": 0.5, "workers": 1.5, "redis": 0.25, "rest": 0.75}
+    # A part that cannot be read leaves the rest unknown, not wrong
+    blind = CpuReading(machine=13.0, this_process=1.5, workers=3.5, redis=None)
+    assert blind.since(before)["rest"] is None and blind.since(before)["workers"] == 1.5
+
+
+def test_each_parts_cost_per_operation_is_the_median_round():
+    def round_with(workers_s: float) -> Run:
+        parts = {"this_process": 0.3, "workers": workers_s, "redis": 0.1, "rest": None}
+        return Run(100, 0.1, 1.0, cpu_s=1.0, cpu_parts=parts)
+
+    outcome = VariantOutcome(runs=[round_with(0.5), round_with(0.9), round_with(0.6)])
+    assert outcome.cpu_ms_per_op_by_part() == {"this_process": 3.0, "workers": 6.0, "redis": 1.0, "rest": None}
+    result = build_result(Options(), {"executors": outcome}, database_url="sqlite://", machine={}, duration_s=1.0)
+    assert result["cpu_ms_per_op_by_part"]["executors"]["workers"] == 6.0
+    assert result["variants"]["executors"]["cpu_ms_per_op_by_part"]["redis"] == 1.0
