@@ -5,12 +5,12 @@ Read from Linux's ``/proc`` and from Redis's ``INFO cpu``; a reading that cannot
 from __future__ import annotations
 
 import os
-import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CpuReading", "group_cpu_s", "machine_cpu_s", "read_cpu", "redis_cpu_s", "self_cpu_s"]
+__all__ = ["CpuReading", "group_cpu_s", "machine_cpu_s", "read_cpu", "redis_cpu_s"]
 
 
 def machine_cpu_s() -> float | None:
@@ -44,12 +44,6 @@ def group_cpu_s(group_id: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def self_cpu_s() -> float:
-    """CPU seconds (user + system) this process has spent, all its threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def redis_cpu_s(client: Any) -> float | None:
     """CPU seconds (user + system) the Redis server has spent since it started, all its threads."""
     try:
@@ -77,16 +71,17 @@ class CpuReading:
             "workers": _minus(self.workers, before.workers),
             "redis": _minus(self.redis, before.redis),
         }
-        parts = [spent["this_process"], spent["workers"], spent["redis"]]
+        parts = [spent[part] for part in ("this_process", "workers", "redis")]
+        known = [seconds for seconds in parts if seconds is not None]
         machine = spent["machine"]
-        spent["rest"] = None if machine is None or None in parts else max(0.0, machine - sum(parts))  # type: ignore[arg-type]
+        spent["rest"] = None if machine is None or len(known) < len(parts) else max(0.0, machine - sum(known))
         return spent
 
 
 def read_cpu(worker_groups: list[int], redis_client: Any) -> CpuReading:
     """One reading of every part; ``worker_groups`` are the process groups of the worker processes."""
     workers = sum(group_cpu_s(group) for group in worker_groups) if Path("/proc").is_dir() else None
-    return CpuReading(machine_cpu_s(), self_cpu_s(), workers, redis_cpu_s(redis_client))
+    return CpuReading(machine_cpu_s(), time.process_time(), workers, redis_cpu_s(redis_client))
 
 
 def _minus(after: float | None, before: float | None) -> float | None:

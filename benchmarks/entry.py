@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-__all__ = ["clean_up_on_sigterm", "report"]
+__all__ = ["INTERRUPTED", "report"]
 
 #: Exit status of a run stopped by Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it).
 INTERRUPTED = 130
@@ -21,7 +21,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def clean_up_on_sigterm() -> None:
+def _clean_up_on_sigterm() -> None:
     """Make SIGTERM unwind like Ctrl-C, so a benchmark stopped either way removes what it made."""
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -36,7 +36,7 @@ def report(
 ) -> int:
     """Run the benchmark and print its result; the exit status is ``exit_status(result)``, or 130 when it
     was interrupted (``undone`` says what was cleaned up then)."""
-    clean_up_on_sigterm()
+    _clean_up_on_sigterm()
     try:
         result = run()
     except KeyboardInterrupt:

@@ -167,24 +167,20 @@ class VariantOutcome:
 
     def cpu_ms_per_op(self) -> float | None:
         """The median round's machine-wide CPU milliseconds per operation, or None."""
+        return self._median_cost(lambda run: run.cpu_ms_per_op)
+
+    def cpu_ms_per_op_by_part(self) -> dict[str, float | None]:
+        """Of the CPU an operation costs, the median round's milliseconds in each part (see ``CPU_PARTS``)."""
+        return {part: self._median_cost(lambda run, part=part: run.part_ms_per_op(part)) for part in CPU_PARTS}
+
+    def _median_cost(self, cost_of: Callable[[Run], float | None]) -> float | None:
         from benchmarks.metrics import percentile
 
-        costs = [cost for run in self.runs if (cost := run.cpu_ms_per_op) is not None]
+        costs = [cost for run in self.runs if (cost := cost_of(run)) is not None]
         if self.error is not None or not costs:
             return None
         value = percentile(costs, 0.5)
         return None if value is None else round(value, 2)
-
-    def cpu_ms_per_op_by_part(self) -> dict[str, float | None]:
-        """Of the CPU an operation costs, the median round's milliseconds in each part (see ``CPU_PARTS``)."""
-        from benchmarks.metrics import percentile
-
-        by_part: dict[str, float | None] = {}
-        for part in CPU_PARTS:
-            costs = [cost for run in self.runs if (cost := run.part_ms_per_op(part)) is not None]
-            value = percentile(costs, 0.5) if costs and self.error is None else None
-            by_part[part] = None if value is None else round(value, 2)
-        return by_part
 
     def summary(self) -> dict[str, Any]:
         return {

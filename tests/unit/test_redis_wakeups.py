@@ -87,6 +87,22 @@ class _InThread:
         return self.result
 
 
+def _another_worker(broker: JobsRedisBroker) -> JobsRedisBroker:
+    """The broker of another worker process on the same queues."""
+    other = _new_broker()
+    other.namespace = broker.namespace
+    return other
+
+
+def _waiting_consumer(broker: JobsRedisBroker, prefetch: int) -> tuple[Any, _InThread]:
+    """Another worker's consumer of the (empty) queue, and its call to ``next``, once it is blocked in Redis."""
+    waiting = _another_worker(broker).consume(QUEUE, prefetch=prefetch, timeout=LONG_WAIT_MS)
+    before = _blocked_clients(broker)
+    call = _InThread(lambda: next(waiting))
+    wait_for(lambda: _blocked_clients(broker) > before, timeout_s=10)
+    return waiting, call
+
+
 def test_an_idle_consumer_blocks_in_redis_until_a_message_is_enqueued_and_then_hands_it_out(broker):
     # Given a consumer of an empty queue whose wait would last two minutes
     consumer = broker.consume(QUEUE, prefetch=2, timeout=LONG_WAIT_MS)
@@ -161,12 +177,7 @@ def test_messages_a_closing_consumer_puts_back_wake_a_waiting_consumer(broker):
     closing = broker.consume(QUEUE, prefetch=2, timeout=LONG_WAIT_MS)
     handed_out = wait_for(lambda: next(closing), timeout_s=10)
     # ... and another worker's consumer waiting on the empty queue
-    other_worker = _new_broker()
-    other_worker.namespace = broker.namespace
-    waiting = other_worker.consume(QUEUE, prefetch=2, timeout=LONG_WAIT_MS)
-    before = _blocked_clients(broker)
-    call = _InThread(lambda: next(waiting))
-    wait_for(lambda: _blocked_clients(broker) > before, timeout_s=10)
+    waiting, call = _waiting_consumer(broker, prefetch=2)
 
     # When the first consumer closes (an error, a shutdown) and puts its prefetched message back
     closing.close()
@@ -179,19 +190,13 @@ def test_messages_a_closing_consumer_puts_back_wake_a_waiting_consumer(broker):
 
 def test_messages_maintenance_puts_back_wake_a_waiting_consumer(broker):
     # Given a worker that fetched a message and died (its heartbeat long stale) ...
-    dead = _new_broker()
-    dead.namespace = broker.namespace
+    dead = _another_worker(broker)
     sent = broker.enqueue(_message())
     assert [message_id for message_id, _ in dead.fetch(QUEUE, 1)] == [sent.options["redis_message_id"].encode()]
     long_ago_ms = int(time.time() * 1000) - 10 * broker.heartbeat_timeout
     broker.client.zadd(f"{broker.namespace}:__heartbeats__", {dead.broker_id: long_ago_ms})
     # ... and another worker's consumer waiting on the queue, empty now
-    other_worker = _new_broker()
-    other_worker.namespace = broker.namespace
-    waiting = other_worker.consume(QUEUE, prefetch=1, timeout=LONG_WAIT_MS)
-    before = _blocked_clients(broker)
-    call = _InThread(lambda: next(waiting))
-    wait_for(lambda: _blocked_clients(broker) > before, timeout_s=10)
+    waiting, call = _waiting_consumer(broker, prefetch=1)
 
     # When maintenance puts the dead worker's message back
     broker.run_maintenance()
@@ -279,9 +284,7 @@ def test_consumers_of_several_workers_take_every_message_of_a_bursty_stream_exac
     stop = threading.Event()
 
     def consume(prefetch: int) -> None:
-        worker = _new_broker()
-        worker.namespace = broker.namespace
-        consumer = worker.consume(QUEUE, prefetch=prefetch, timeout=LONG_WAIT_MS)
+        consumer = _another_worker(broker).consume(QUEUE, prefetch=prefetch, timeout=LONG_WAIT_MS)
         while not stop.is_set():
             message = next(consumer)
             if message is not None:
