@@ -31,7 +31,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ from resources.config import get_settings
 
 __all__ = [
     "BrokerMaintenance",
+    "DeferredEnqueue",
     "JobsRedisBroker",
     "JobsRedisConsumer",
     "MalformedCallback",
@@ -78,9 +80,11 @@ _FIELDS = _REQUIRED_FIELDS | {"message_id", "message_timestamp"}
 # Every enqueue of this broker (dispatch.lua's stores the same id and body, but wakes no one): store the
 # body, queue its id, and push a wake-up token for a consumer idling on the queue (see wait_for_enqueue).
 # With a set key, it first adds a member to that set (an operation's in-flight names, see middleware.inflight),
-# in the same round trip.
-# KEYS: queue, bodies, wake-ups[, set]. ARGV: message id, body[, member, the set's expiry (s)].
+# in the same round trip. With a guard key (a deferred enqueue, see ``defer_enqueues``), it does nothing
+# unless that key exists. Answers 1 when it enqueued, 0 when the guard stopped it.
+# KEYS: queue, bodies, wake-ups[, set]. ARGV: message id, body[, member, the set's expiry (s)[, guard key]].
 _ENQUEUE = """
+if ARGV[5] and redis.call('exists', ARGV[5]) == 0 then return 0 end
 if KEYS[4] then
   redis.call('sadd', KEYS[4], ARGV[3])
   redis.call('expire', KEYS[4], ARGV[4])
@@ -88,6 +92,7 @@ end
 redis.call('hset', KEYS[2], ARGV[1], ARGV[2])
 redis.call('rpush', KEYS[1], ARGV[1])
 redis.call('rpush', KEYS[3], '1')
+return 1
 """
 
 # The consumer's fetch (see dispatch.lua for the keys): refresh this worker's heartbeat, move up to ARGV[3] ids
@@ -466,6 +471,23 @@ class JobsRedisConsumer(_RedisConsumer):
                 logger.exception("on_malformed failed for message %s of operation %s", message_id, entry.operation_id)
 
 
+@dataclass(frozen=True)
+class DeferredEnqueue:
+    """A message's store in Redis, recorded instead of made (``JobsRedisBroker.defer_enqueues``)."""
+
+    script: Script
+    keys: list[str]
+    args: list[str | bytes | int]
+
+    def guarded_args(self, guard_key: str) -> list[str | bytes | int]:
+        """The arguments of a run that stores the message only if ``guard_key`` exists then."""
+        return [*self.args, *[""] * (4 - len(self.args)), guard_key]
+
+    def run(self) -> None:
+        """Store the message now, unguarded."""
+        self.script(keys=self.keys, args=self.args)
+
+
 class JobsRedisBroker(RedisBroker):
     """A RedisBroker whose consumers survive malformed messages and which can run maintenance on demand.
 
@@ -576,10 +598,22 @@ class JobsRedisBroker(RedisBroker):
         enqueues ``message``, just before the message is stored. False when ``client`` talks to another Redis
         server: the caller adds it itself then."""
         redis_message_id = message.options.get("redis_message_id")
-        if not redis_message_id or not self._shares_server(client):
+        if not redis_message_id or not self.shares_server(client):
             return False  # not on its way through this broker's enqueue, or another server
         self._local.adding = (redis_message_id, key, member, ttl_s)
         return True
+
+    @contextmanager
+    def defer_enqueues(self) -> Iterator[list[DeferredEnqueue]]:
+        """Within the block, this thread's enqueues run the middleware's hooks as usual, but each message's store
+        in Redis is recorded in the yielded list instead of made: the caller makes them, e.g. in the round trip of
+        the throttle's admission and only if it grants (``ThrottleStore.acquire``'s ``then``)."""
+        deferred: list[DeferredEnqueue] = []
+        self._local.deferred = deferred
+        try:
+            yield deferred
+        finally:
+            self._local.deferred = None
 
     def do_enqueue(self, queue_name: str, redis_message_id: str, data: bytes) -> None:
         if self._enqueue_script is None:
@@ -593,13 +627,18 @@ class JobsRedisBroker(RedisBroker):
             _, key, member, ttl_s = adding
             keys.append(key)
             args += [member, ttl_s]
+        deferred = getattr(self._local, "deferred", None)
+        if deferred is not None:
+            deferred.append(DeferredEnqueue(self._enqueue_script, keys, args))
+            return
         self._enqueue_script(keys=keys, args=args)
 
     def flush(self, queue_name: str) -> None:
         super().flush(queue_name)
         self.client.delete(self.wakeups_key(queue_name), self.wakeups_key(dq_name(queue_name)))
 
-    def _shares_server(self, client: redis.Redis) -> bool:
+    def shares_server(self, client: redis.Redis) -> bool:
+        """Whether ``client`` talks to this broker's Redis server and database."""
         ours, theirs = self.client.connection_pool.connection_kwargs, client.connection_pool.connection_kwargs
         return all(ours.get(name) == theirs.get(name) for name in ("host", "port", "path", "db"))
 

@@ -14,10 +14,12 @@ message was lost in a crash is sent again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import dramatiq
@@ -33,7 +35,7 @@ from ..plan import OPTION_OPERATION, OPTION_THROTTLE
 from ..progress import Outgoing, enqueue_all
 from ..transient import Unavailable
 from .scopes import ThrottleScope
-from .store import Admission, Guard, Handoff, ThrottleStore
+from .store import Admission, Guard, GuardedCall, Handoff, ThrottleStore
 
 __all__ = ["Throttle", "ThrottleUnavailable", "find_throttle", "scopes_of"]
 
@@ -54,6 +56,14 @@ def scopes_of(options: dict[str, Any]) -> list[ThrottleScope]:
 
 def find_throttle(broker: dramatiq.Broker) -> Throttle | None:
     return next((m for m in broker.middleware if isinstance(m, Throttle)), None)
+
+
+def _deferring(broker: dramatiq.Broker, client: Any) -> Callable[[], AbstractContextManager[list[Any]]] | None:
+    """The broker's ``defer_enqueues`` when its messages live on ``client``'s Redis server; None otherwise (a
+    RabbitMQ broker, another server)."""
+    defer = getattr(broker, "defer_enqueues", None)
+    shares_server = getattr(broker, "shares_server", None)
+    return defer if defer is not None and shares_server is not None and shares_server(client) else None
 
 
 def _encoded(message: Message[Any]) -> str:
@@ -93,10 +103,10 @@ class Throttle(Middleware):
         if not self.enabled or not scopes or not outgoing:
             enqueue_all(broker, outgoing)  # nothing to throttle: no steps (an operation with nothing to do)
             return "granted"
-        status = self.admit(broker, operation_id, scopes, outgoing).status
-        if status == "granted":
+        admission = self.admit(broker, operation_id, scopes, outgoing, send=True)
+        if admission.status == "granted" and not admission.sent:
             enqueue_all(broker, outgoing)
-        return status
+        return admission.status
 
     def admit(
         self,
@@ -106,18 +116,32 @@ class Throttle(Middleware):
         outgoing: list[Outgoing],
         *,
         guard: Guard | None = None,
+        send: bool = False,
     ) -> Admission:
-        """``submit`` without the send of a granted operation's first steps, which the caller makes. From the
-        admission on, the throttle keeps those steps: it sends them when a parked operation's turn comes, and
-        sends a granted operation's again when none of them has started within the hand-off timeout. ``guard``:
-        see ``ThrottleStore.acquire``."""
+        """``submit`` without the send of a granted operation's first steps, which the caller makes unless the
+        admission says ``sent``. From the admission on, the throttle keeps those steps: it sends them when a
+        parked operation's turn comes, and sends a granted operation's again when none of them has started
+        within the hand-off timeout. ``guard``: see ``ThrottleStore.acquire``.
+
+        ``send``: on a broker that can defer its enqueues to this Redis server (the project's Redis broker),
+        send a granted operation's first steps in the round trip of its admission (``sent``). The broker's
+        enqueue hooks run before the admission; a parked operation's steps are then not stored."""
+        deferred: Sequence[GuardedCall] = ()
+        defer = _deferring(broker, self.store.client) if send else None
+        if defer is not None:
+            with defer() as deferred:
+                enqueue_all(broker, outgoing)
         admission = self.store.acquire(
             operation_id,
             scopes,
             start=False,
             messages=[(item.delay or 0, _encoded(item.message)) for item in outgoing],
             guard=guard,
+            then=deferred,
         )
+        if defer is not None and admission.status == "granted" and not admission.sent:
+            # Nothing reached the broker's store to defer (an enqueue replaced, as tests do): the enqueue was made.
+            admission = dataclasses.replace(admission, sent=True)
         self.send(broker, admission.handoffs)
         if admission.status == "parked":
             logger.info("operation %s waits for a slot in %s", operation_id, ", ".join(s.key for s in scopes))

@@ -62,7 +62,7 @@ def test_on_the_redis_broker_a_copy_is_named_in_the_round_trip_of_its_enqueue(re
     assert inflight is not None
     client = inflight.client
     monkeypatch.setattr(inflight, "_client", NoRedis())
-    monkeypatch.setattr(redis_broker, "_shares_server", lambda other: True)
+    monkeypatch.setattr(redis_broker, "shares_server", lambda other: True)
 
     # When a step of an operation is enqueued
     queued = redis_broker.enqueue(step_of(operation_id))

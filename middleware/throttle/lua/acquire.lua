@@ -6,6 +6,8 @@
 -- ARGV 10-12 (optional): a guard key, its value and its expiry in ms, set (NX) before anything else: when the
 -- key is already set, nothing changes and the reply is ["guarded", 0, {}, the key's value]. (The producer's
 -- claim on the outbox row whose first steps these are: see outbox.send_committed.)
+-- ARGV 13 (optional): a key set (for a minute) when a "submit" grants: the calls that follow this script in
+-- its round trip, the send of the first steps, check it to run only then (see ThrottleStore.acquire's "then").
 if ARGV[10] and ARGV[10] ~= '' then
   if not redis.call('SET', ARGV[10], ARGV[11], 'NX', 'PX', ARGV[12]) then
     return cjson.encode({'guarded', 0, {}, redis.call('GET', ARGV[10])})
@@ -87,6 +89,7 @@ if free then
   end
   park_messages()  -- kept until the first step starts, so that a send lost in a crash is re-driven
   local fence = grant(op, scopes, 'granted', NOW + max_delay_of(op) + reserve_ms)
+  if ARGV[13] and ARGV[13] ~= '' then redis.call('SET', ARGV[13], '1', 'PX', 60000) end
   return cjson.encode({'granted', fence, handoffs})
 end
 local seq = redis.call('INCR', P .. ':seq')
