@@ -54,7 +54,10 @@ class SentRows:
             if not self._started:
                 self._started = True
                 threading.Thread(target=self._run, name="outbox-sent-rows", daemon=True).start()
-            self._changed.notify_all()
+            # Wake the thread only when it has something new to do: a first row to linger for, or a full batch.
+            # A wake-up per row (one per execute()) would cost the caller's process a thread switch each time.
+            if len(self._waiting) == 1 or len(self._waiting) >= BATCH:
+                self._changed.notify_all()
 
     def forget_parent(self) -> None:
         """In a child just forked: the parent's thread did not come along, and the parent deletes its rows."""
