@@ -139,8 +139,8 @@ class Throttle(Middleware):
             guard=guard,
             then=deferred,
         )
-        if defer is not None and admission.status == "granted" and not admission.sent:
-            # Nothing reached the broker's store to defer (an enqueue replaced, as tests do): the enqueue was made.
+        if defer is not None and admission.status == "granted":
+            # Every message went through the broker's enqueue above; its stores, if any, ran with the grant.
             admission = dataclasses.replace(admission, sent=True)
         self.send(broker, admission.handoffs)
         if admission.status == "parked":
