@@ -10,9 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, exc, inspect
+from sqlalchemy import URL, Connection, Engine, create_engine, event, exc, inspect, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import pg_piggyback
 from .config import get_settings
 from .errors import ConfigurationError
 from .models import Base
@@ -117,9 +118,18 @@ def _engine_for(url: str) -> Engine:
         )
         _prepare_sqlite(engine, url)
         return engine
-    engine = create_engine(url, pool_size=10, max_overflow=20)
+    engine = create_engine(_with_piggyback(url), pool_size=10, max_overflow=20)
     ping_idle_connections(engine)
     return engine
+
+
+def _with_piggyback(url: str) -> URL:
+    """psycopg URLs load the dialect that sends BEGIN and savepoints with the next statement (``pg_piggyback``)."""
+    parsed = make_url(url)
+    if parsed.drivername != "postgresql+psycopg":
+        return parsed
+    pg_piggyback.register()
+    return parsed.set(drivername=f"postgresql+{pg_piggyback.DRIVER}")
 
 
 def get_engine(url: str | None = None) -> Engine:
