@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from resources.config import get_settings
 from resources.db import read_connection, session_scope
 from resources.models import OperationStatus
+from resources.sqlite_turns import write_in_background_lane
 
 from .chain import StepChain
 from .context import StepContext, current_step, set_step_context
@@ -175,6 +176,10 @@ class OperationTransitions(Middleware):
                 return check_step(session, operation_id, path, marked)
         except Exception as error:  # Dramatiq would log it and run the step unchecked
             raise Unavailable(f"could not check step {path} of operation {operation_id}: {error}") from error
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        # A worker process: on SQLite, its writes give way to those of the processes that serve requests.
+        write_in_background_lane()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         self.chain.stopping.clear()

@@ -8,6 +8,12 @@ queues the waiters and wakes one as soon as the lock is released, in this proces
 waiting thread uses no CPU. SQLite's own lock and busy timeout stay underneath, for any writer that does
 not take turns (another program, the ``sqlite3`` shell).
 
+Worker processes write in the background lane (``write_in_background_lane``): their writers first queue
+among themselves on ``<database>.writers.background``, and only the one at its head queues for the turn. A web
+request's transaction, which someone is waiting for, then waits behind at most one worker's write instead of
+behind every worker thread that wants to write; the workers' writes take no longer in all, as they are one at a
+time either way.
+
 Written by hand because the file-lock libraries (filelock, fasteners) wait by polling with sleeps, which is
 what this replaces. POSIX only; elsewhere connections write without taking turns, as before.
 """
@@ -24,13 +30,21 @@ try:
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["TurnTakingConnection", "turns_path"]
+__all__ = ["TurnTakingConnection", "turns_path", "write_in_background_lane"]
 
 #: Threads holding a turn, by thread id (a connection may be rolled back and closed on another thread). A
 #: thread that opens a second write transaction while it holds one would wait for itself; it falls back to
 #: SQLite's busy timeout instead, which reports the mistake as "database is locked".
 _holders: dict[int, int] = {}
 _holders_lock = threading.Lock()
+#: Whether this process's connections write in the background lane (see ``write_in_background_lane``).
+_in_background_lane = False
+
+
+def write_in_background_lane() -> None:
+    """This process's writers queue behind one another before they queue for the turn (a worker process)."""
+    global _in_background_lane
+    _in_background_lane = True
 
 
 def turns_path(database: str) -> str | None:
@@ -47,7 +61,11 @@ class TurnTakingConnection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self._turns_path = turns_path(os.fsdecode(database)) if fcntl is not None else None
         self._turns_fd: int | None = None
+        self._lane_fd: int | None = None
         self._holder: int | None = None
+        self._lane_held = False
+        #: In the background lane: None follows the process (``write_in_background_lane``).
+        self.background: bool | None = None
 
     def begin_write(self) -> None:
         """BEGIN IMMEDIATE once it is this connection's turn; the turn ends at commit, rollback or close."""
@@ -75,9 +93,10 @@ class TurnTakingConnection(sqlite3.Connection):
             super().close()
         finally:
             self._end_turn()
-            if self._turns_fd is not None:
-                os.close(self._turns_fd)
-                self._turns_fd = None
+            for descriptor in (self._turns_fd, self._lane_fd):
+                if descriptor is not None:
+                    os.close(descriptor)
+            self._turns_fd = self._lane_fd = None
 
     def _take_turn(self) -> None:
         thread = threading.get_ident()
@@ -85,10 +104,22 @@ class TurnTakingConnection(sqlite3.Connection):
             return
         if self._turns_fd is None:
             self._turns_fd = os.open(self._turns_path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._turns_fd, fcntl.LOCK_EX)  # blocks, without the GIL, until our turn
+        if self._writes_in_background():
+            if self._lane_fd is None:
+                self._lane_fd = os.open(f"{self._turns_path}.background", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lane_fd, fcntl.LOCK_EX)  # the head of the lane, then the turn
+            self._lane_held = True
+        try:
+            fcntl.flock(self._turns_fd, fcntl.LOCK_EX)  # blocks, without the GIL, until our turn
+        except BaseException:
+            self._leave_lane()
+            raise
         self._holder = thread
         with _holders_lock:
             _holders[thread] = _holders.get(thread, 0) + 1
+
+    def _writes_in_background(self) -> bool:
+        return _in_background_lane if self.background is None else self.background
 
     def _end_turn(self) -> None:
         holder, self._holder = self._holder, None
@@ -99,3 +130,9 @@ class TurnTakingConnection(sqlite3.Connection):
             if left > 0:
                 _holders[holder] = left
         fcntl.flock(self._turns_fd, fcntl.LOCK_UN)
+        self._leave_lane()  # after the turn: a writer waiting for the turn gets it before the lane's next one
+
+    def _leave_lane(self) -> None:
+        if self._lane_held and self._lane_fd is not None:
+            self._lane_held = False
+            fcntl.flock(self._lane_fd, fcntl.LOCK_UN)

@@ -6,12 +6,14 @@ import fcntl
 import os
 import signal
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from resources.sqlite_turns import TurnTakingConnection, turns_path
+from tests.fixtures import wait_for
 
 
 @pytest.fixture
@@ -108,3 +110,70 @@ def test_a_thread_that_holds_a_turn_and_opens_a_second_write_gets_an_error_not_a
     holding.rollback()
     holding.close()
     second.close()
+
+
+def lane_path(path: str) -> str:
+    return f"{turns_path(path)}.background"
+
+
+def blocked_on(lock_file: str) -> bool:
+    """Whether some process waits for an flock on ``lock_file`` (Linux lists waiters in /proc/locks with ->)."""
+    inode = os.stat(lock_file).st_ino
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any("->" in line and line.split()[-3].endswith(f":{inode}") for line in lines)
+
+
+def test_a_background_writer_holds_the_head_of_its_lane_until_its_transaction_ends(database):
+    writer = connect(database)
+    writer.background = True
+    writer.begin_write()
+    lane = os.open(lane_path(database), os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(lane, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        writer.commit()
+        fcntl.flock(lane, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        os.close(lane)
+        writer.close()
+    assert turn_is_free(database)
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks to see a waiting writer")
+def test_a_foreground_writer_goes_before_a_background_writer_waiting_behind_another(database):
+    # Given another background writer at the head of the lane, and a second one waiting behind it
+    head = os.open(lane_path(database), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(head, fcntl.LOCK_EX)
+    waiting = connect(database)
+    waiting.background = True
+    thread = threading.Thread(target=waiting.begin_write)
+    thread.start()
+    wait_for(lambda: blocked_on(lane_path(database)), timeout_s=10)
+
+    # When a foreground writer (a web request) begins, it does not queue behind the waiting one
+    foreground = connect(database)
+    foreground.background = False
+    foreground.begin_write()
+    foreground.execute("INSERT INTO t VALUES (1)")
+    foreground.commit()
+
+    # And the background writer gets its turn once the head of the lane is done
+    fcntl.flock(head, fcntl.LOCK_UN)
+    os.close(head)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    waiting.execute("INSERT INTO t VALUES (2)")
+    waiting.commit()
+    assert turn_is_free(database)
+    assert [row[0] for row in foreground.execute("SELECT x FROM t ORDER BY x")] == [1, 2]
+    foreground.close()
+    waiting.close()
+
+
+def test_worker_processes_write_in_the_background_lane(monkeypatch):
+    from middleware import OperationTransitions
+    from resources import sqlite_turns
+
+    monkeypatch.setattr(sqlite_turns, "_in_background_lane", False)
+    OperationTransitions().after_process_boot(broker=None)  # type: ignore[arg-type]
+    assert sqlite_turns._in_background_lane
