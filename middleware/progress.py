@@ -39,6 +39,7 @@ from resources.after_commit import on_commit
 from resources.db import autocommit_connection
 from resources.metrics import operation_ended, operation_ended_as, operation_ended_now
 from resources.models import Operation, OperationStatus, StepDone, utcnow
+from resources.quick_reads import QuickReader
 from resources.transitions import record_error
 
 from .plan import advance, finishing_alone, message_of, start_paths
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: What the reads here run on: a session, a Connection, or a pooled driver connection (``resources.quick_reads``).
+Reader = Session | Connection | QuickReader
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,7 @@ def _expire_loaded(session: Session, operation_id: str) -> None:
         session.expire(loaded, ["status", "finished_at"])
 
 
-def _recorded_paths(session: Session | Connection, operation_id: str) -> set[str]:
+def _recorded_paths(session: Reader, operation_id: str) -> set[str]:
     return set(session.scalars(_RECORDED_PATHS, {"operation_id": operation_id}))
 
 
@@ -192,7 +196,7 @@ def _rows_of_marks(operation_id: str, marked: Mapping[str, datetime], recorded: 
     return [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items() if p not in recorded]
 
 
-def runs_without_record(session: Session | Connection, operation_id: str, path: str) -> bool:
+def runs_without_record(session: Reader, operation_id: str, path: str) -> bool:
     """Does the operation still run, with no record of step ``path`` in the database? ``check_step``'s
     question without its plan, which is most of what it reads."""
     row = session.execute(_STATUS_AND_RECORD, {"operation_id": operation_id, "path": path}).one_or_none()
@@ -200,7 +204,7 @@ def runs_without_record(session: Session | Connection, operation_id: str, path: 
 
 
 def check_step(
-    session: Session | Connection, operation_id: str, path: str | None, marked: Mapping[str, datetime] = NO_MARKS
+    session: Reader, operation_id: str, path: str | None, marked: Mapping[str, datetime] = NO_MARKS
 ) -> StepCheck:
     """May step ``path`` of this operation run now? Not when its operation has ended, nor when it has
     completed already (a duplicate delivery, or a redelivery after a crash: see ``StepCheck.follow_up``).
@@ -225,7 +229,7 @@ def check_step(
 
 
 def _follow_up(
-    session: Session | Connection, operation_id: str, plan: dict, path: str, marked: Mapping[str, datetime]
+    session: Reader, operation_id: str, plan: dict, path: str, marked: Mapping[str, datetime]
 ) -> list[Outgoing]:
     """The steps that the completion of ``path`` started and that have not completed yet. A started step
     that has completed was chained (run by the same worker, never sent): what it started is followed too."""

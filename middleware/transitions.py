@@ -22,12 +22,12 @@ from typing import Any
 import dramatiq
 from dramatiq import Message
 from dramatiq.middleware import Middleware, SkipMessage
-from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from resources.config import get_settings
-from resources.db import read_connection, session_scope
+from resources.db import session_scope
 from resources.models import OperationStatus
+from resources.quick_reads import quick_reads
 from resources.sqlite_turns import write_in_background_lane
 
 from .chain import StepChain
@@ -37,6 +37,7 @@ from .outbox import deliver, stage
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE, finishing_alone, next_in_sequence
 from .progress import (
     Progress,
+    Reader,
     StepCheck,
     check_step,
     complete_step,
@@ -126,7 +127,7 @@ class OperationTransitions(Middleware):
         self,
         sessions: Callable[[], AbstractContextManager[Session]] = session_scope,
         throttle: Throttle | None = None,
-        read_sessions: Callable[[], AbstractContextManager[Session | Connection]] = read_connection,
+        read_sessions: Callable[[], AbstractContextManager[Reader]] = quick_reads,
         chain_budget_s: float | None = None,
         marks: StepMarks | None = None,
     ) -> None:

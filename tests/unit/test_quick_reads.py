@@ -1,0 +1,101 @@
+"""The reads before and after every step run on a pooled driver connection (``resources.quick_reads``): the same
+answers as through a SQLAlchemy Connection, no transaction left open, the connection back in the pool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import Integer, bindparam, select
+
+from middleware.progress import _CHECK, _RECORDED_PATHS, _STATUS_AND_RECORD
+from resources.db import get_engine, join_session, session_scope
+from resources.models import Operation, OperationStatus, StepDone
+from resources.quick_reads import QuickReader, quick_reads
+
+PLAN = {"root": {"kind": "seq", "children": []}, "parties": [], "throttle": [["scope", 4]]}
+
+
+def _operation(status: str = OperationStatus.RUNNING, done: tuple[str, ...] = ()) -> str:
+    with session_scope() as session:
+        operation = Operation(executor="Probe", resource_ref="instance:1", status=status, plan=PLAN)
+        session.add(operation)
+        session.flush()
+        session.add_all(StepDone(operation_id=operation.id, path=path) for path in done)
+        return operation.id
+
+
+def _through_a_connection(statement: Any, parameters: dict[str, Any]) -> Any:
+    with get_engine().connect() as connection:
+        return connection.execute(statement, parameters).one_or_none()
+
+
+@pytest.mark.usefixtures("database")
+@pytest.mark.parametrize("done", [(), ("0",)])
+def test_a_read_answers_as_it_does_through_a_connection(done: tuple[str, ...]) -> None:
+    operation_id = _operation(done=done)
+    parameters = {"operation_id": operation_id, "path": "0"}
+
+    with quick_reads() as reader:
+        assert isinstance(reader, QuickReader)
+        check = reader.execute(_CHECK, parameters).one_or_none()
+        status = reader.execute(_STATUS_AND_RECORD, parameters).one_or_none()
+        paths = reader.scalars(_RECORDED_PATHS, {"operation_id": operation_id})
+
+    assert check is not None and tuple(check) == tuple(_through_a_connection(_CHECK, parameters))
+    assert check == (OperationStatus.RUNNING, bool(done), PLAN)  # the plan decoded, the flag a bool
+    assert status is not None and tuple(status) == tuple(_through_a_connection(_STATUS_AND_RECORD, parameters))
+    assert paths == list(done)
+
+
+@pytest.mark.usefixtures("database")
+def test_a_missing_row_reads_as_none() -> None:
+    with quick_reads() as reader:
+        assert reader.execute(_CHECK, {"operation_id": "nothing-here", "path": "0"}).one_or_none() is None
+
+
+@pytest.mark.usefixtures("database")
+def test_a_read_leaves_no_transaction_open_and_the_connection_back_in_the_pool() -> None:
+    operation_id = _operation()
+    pool = get_engine().pool
+    before = pool.checkedout()
+
+    with quick_reads() as reader:
+        reader.execute(_CHECK, {"operation_id": operation_id, "path": "0"})
+        assert pool.checkedout() == before + 1
+    assert pool.checkedout() == before
+
+    # A writer can end the operation at once: the read took no lock and holds no snapshot.
+    with session_scope() as session:
+        session.get(Operation, operation_id).status = OperationStatus.SUCCEEDED  # type: ignore[union-attr]
+    with quick_reads() as reader:
+        row = reader.execute(_STATUS_AND_RECORD, {"operation_id": operation_id, "path": "0"}).one_or_none()
+    assert row is not None and row[0] == OperationStatus.SUCCEEDED
+
+
+@pytest.mark.usefixtures("database")
+def test_the_connection_goes_back_to_the_pool_when_a_read_fails() -> None:
+    pool = get_engine().pool
+    before = pool.checkedout()
+    with pytest.raises(Exception, match="path"), quick_reads() as reader:  # the driver's own error
+        reader.execute(_CHECK, {"operation_id": "x"})  # no "path"
+    assert pool.checkedout() == before
+
+
+@pytest.mark.usefixtures("database")
+def test_inside_a_joined_session_the_reads_see_its_transaction() -> None:
+    with session_scope() as session, join_session(session):
+        operation = Operation(executor="Probe", resource_ref="instance:1", plan=PLAN)
+        session.add(operation)
+        session.flush()  # not committed
+        with quick_reads() as reader:
+            assert reader is session
+            row = reader.execute(_CHECK, {"operation_id": operation.id, "path": "0"}).one_or_none()
+        assert row is not None
+
+
+@pytest.mark.usefixtures("database")
+def test_a_parameter_that_needs_converting_is_refused_with_the_way_out() -> None:
+    statement = select(Operation.id).where(Operation.status == bindparam("count", type_=Integer))
+    with quick_reads() as reader, pytest.raises(TypeError, match=r"(?s)text parameters only.*through a Connection"):
+        reader.execute(statement, {"count": 1})
