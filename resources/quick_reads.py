@@ -19,7 +19,9 @@ from typing import Any
 
 from sqlalchemy import Select, String
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
 
 from .db import get_engine, joined_session
 
@@ -74,18 +76,33 @@ class QuickRows:
 
 
 class QuickReader:
-    """Runs Core selects on one pooled driver connection (``execute`` and ``scalars``, as a Connection has)."""
+    """Runs Core selects on one pooled driver connection (``execute`` and ``scalars``, as a Connection has).
+    The driver's errors are raised as SQLAlchemy's, as a Connection raises them (so a dropped connection is an
+    ``OperationalError``, which the steps retry), and a connection found dead leaves the pool."""
 
-    def __init__(self, dialect: Dialect, driver_connection: Any) -> None:
+    def __init__(self, dialect: Dialect, pooled: PoolProxiedConnection) -> None:
         self._dialect = dialect
-        self._connection = driver_connection
+        self._pooled = pooled
 
     def execute(self, statement: Select[Any], parameters: Mapping[str, Any]) -> QuickRows:
         compiled = _compiled(statement, self._dialect)
-        cursor = self._connection.cursor()
+        connection = self._pooled.driver_connection
+        cursor = connection.cursor()
         try:
             cursor.execute(compiled.sql, compiled.parameters(parameters))
             return QuickRows([compiled.convert(row) for row in cursor.fetchall()])
+        except self._dialect.loaded_dbapi.Error as error:
+            dead = self._dialect.is_disconnect(error, connection, cursor)
+            if dead:
+                self._pooled.invalidate(error)
+            raise DBAPIError.instance(
+                compiled.sql,
+                parameters,
+                error,
+                self._dialect.loaded_dbapi.Error,
+                connection_invalidated=dead,
+                dialect=self._dialect,
+            ) from error
         finally:
             cursor.close()
 
@@ -104,6 +121,6 @@ def quick_reads(url: str | None = None) -> Iterator[QuickReader | Session]:
     engine = get_engine(url)
     pooled = engine.raw_connection()
     try:
-        yield QuickReader(engine.dialect, pooled.driver_connection)
+        yield QuickReader(engine.dialect, pooled)
     finally:
         pooled.close()

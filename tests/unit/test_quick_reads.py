@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Integer, bindparam, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, create_engine, func, select, text
+from sqlalchemy import exc as sql_errors
 
 from middleware.progress import _CHECK, _RECORDED_PATHS, _STATUS_AND_RECORD
+from middleware.transient import is_transient
 from resources.db import get_engine, join_session, session_scope
 from resources.models import Operation, OperationStatus, StepDone
 from resources.quick_reads import QuickReader, quick_reads
+from tests.fixtures import wait_for
 
 PLAN = {"root": {"kind": "seq", "children": []}, "parties": [], "throttle": [["scope", 4]]}
 
@@ -80,6 +83,40 @@ def test_the_connection_goes_back_to_the_pool_when_a_read_fails() -> None:
     with pytest.raises(Exception, match="path"), quick_reads() as reader:  # the driver's own error
         reader.execute(_CHECK, {"operation_id": "x"})  # no "path"
     assert pool.checkedout() == before
+
+
+@pytest.mark.usefixtures("database")
+def test_a_driver_error_is_raised_as_sqlalchemys() -> None:
+    missing = Table("no_such_table", MetaData(), Column("id", String, primary_key=True))
+    with quick_reads() as reader, pytest.raises(sql_errors.DBAPIError, match="no_such_table"):
+        reader.execute(select(missing.c.id).where(missing.c.id == bindparam("id")), {"id": "x"})
+
+
+def test_a_connection_the_server_dropped_fails_as_transient_and_leaves_the_pool() -> None:
+    if get_engine().dialect.name != "postgresql":
+        pytest.skip("needs a server that can drop a connection: DATABASE_URL=postgresql://…")
+    engine = create_engine(get_engine().url, pool_size=1, max_overflow=0)  # one connection, never pinged
+    backend = select(func.pg_backend_pid())
+
+    def read_pid() -> int:
+        pooled = engine.raw_connection()
+        try:
+            return QuickReader(engine.dialect, pooled).scalars(backend, {})[0]
+        finally:
+            pooled.close()
+
+    try:
+        pid = read_pid()
+        with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as admin:
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            gone = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            wait_for(lambda: admin.execute(gone, {"pid": pid}).scalar_one() == 0, timeout_s=30)
+        with pytest.raises(sql_errors.OperationalError) as raised:
+            read_pid()  # the pool's one connection, dropped by the server
+        assert is_transient(raised.value) and raised.value.connection_invalidated
+        assert read_pid() != pid  # the next read gets a live connection
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.usefixtures("database")
