@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from dramatiq import Broker, Message
 from sqlalchemy import (
@@ -39,7 +40,7 @@ from resources.after_commit import on_commit
 from resources.db import autocommit_connection
 from resources.metrics import operation_ended, operation_ended_as, operation_ended_now
 from resources.models import Operation, OperationStatus, StepDone, utcnow
-from resources.quick_reads import QuickReader
+from resources.quick_statements import QuickStatements, quick_write
 from resources.transitions import record_error
 
 from .plan import advance, finishing_alone, message_of, start_paths
@@ -52,7 +53,7 @@ __all__ = [
     "complete_step",
     "enqueue_all",
     "fail_operation",
-    "finish_in_one_statement",
+    "finish_without_session",
     "first_steps",
     "outgoing_of",
     "pending_after",
@@ -61,8 +62,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What the reads here run on: a session, a Connection, or a pooled driver connection (``resources.quick_reads``).
-Reader = Session | Connection | QuickReader
+#: What the reads here run on: a session, a Connection, or a pooled driver connection (``resources.quick_statements``).
+Reader = Session | Connection | QuickStatements
 
 
 @dataclass(frozen=True)
@@ -340,34 +341,44 @@ _RECORDED = (
 _FINISH_IN_ONE = select(_ENDED.c.executor, _ENDED.c.created_at).add_cte(_RECORDED)
 
 
-def finish_in_one_statement(
+def finish_without_session(
     operation_id: str, path: str, marked: Mapping[str, datetime], plan: dict | None
 ) -> Progress | None:
     """``complete_step`` for a step whose completion ends the operation whatever else is recorded (see
-    ``_finish``), as one autocommitted statement on PostgreSQL: one database round trip instead of four (BEGIN,
-    update, insert, COMMIT). None when it does not apply (SQLite, a caller's transaction, another step):
-    ``complete_step`` it is then."""
+    ``_finish``), without a session's bookkeeping: on PostgreSQL one autocommitted statement, one database round
+    trip instead of four (BEGIN, update, insert, COMMIT); on SQLite ``_finish``'s two statements in a write
+    transaction of ``quick_write``, which holds the write turn for less time. None when it does not apply (a
+    caller's transaction, another step): ``complete_step`` it is then."""
     completed = finishing_alone(plan["root"], path) if plan is not None and plan["root"] is not None else None
     if completed is None:
         return None
+    now = utcnow()
+    rows = [*marked.items(), *((p, now) for p in completed)]
     with autocommit_connection() as connection:
-        if connection is None:
+        if connection is not None:
+            parameters = {"paths": [p for p, _ in rows], "done_at": [at for _, at in rows]}
+            ended = connection.execute(
+                _FINISH_IN_ONE, {"operation_id": operation_id, "finished_at": now, **parameters}
+            ).one_or_none()
+            return _ended_without_session(operation_id, ended, now, plan)
+    with quick_write() as statements:
+        if statements is None:
             return None
-        now = utcnow()
-        rows = [*marked.items(), *((p, now) for p in completed)]
-        ended = connection.execute(
-            _FINISH_IN_ONE,
-            {
-                "operation_id": operation_id,
-                "finished_at": now,
-                "paths": [p for p, _ in rows],
-                "done_at": [at for _, at in rows],
-            },
-        ).one_or_none()
+        ended = statements.execute(_FINISH, {"operation_id": operation_id, "finished_at": now}).one_or_none()
+        if ended is not None:
+            insert_rows = [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in rows]
+            statements.executemany(_INSERT_NEW_STEPS["sqlite"], insert_rows)
+    return _ended_without_session(operation_id, ended, now, plan)
+
+
+def _ended_without_session(operation_id: str, ended: Any, now: datetime, plan: dict | None) -> Progress:
+    """What ``finish_without_session`` returns, once committed: ``ended`` is the operation's executor and creation
+    time if this completion ended it."""
     if ended is None:
         return Progress([])
-    operation_ended_now(ended.executor, OperationStatus.SUCCEEDED, ended.created_at, now)
-    logger.info("operation %s (%s) succeeded", operation_id, ended.executor)
+    executor, created_at = ended
+    operation_ended_now(executor, OperationStatus.SUCCEEDED, created_at, now)
+    logger.info("operation %s (%s) succeeded", operation_id, executor)
     return Progress([], ended=True, plan=plan)
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from resources.config import get_settings
 from resources.db import session_scope
 from resources.models import OperationStatus
-from resources.quick_reads import quick_reads
+from resources.quick_statements import quick_reads
 from resources.sqlite_turns import write_in_background_lane
 
 from .chain import StepChain
@@ -43,7 +43,7 @@ from .progress import (
     complete_step,
     enqueue_all,
     fail_operation,
-    finish_in_one_statement,
+    finish_without_session,
     outgoing_of,
     runs_without_record,
 )
@@ -325,7 +325,7 @@ class OperationTransitions(Middleware):
         marked = self.marks.paths(operation_id) if known is None else known
         # The last step of an operation on PostgreSQL: one statement, committed on its own (not with sessions a
         # caller gave, which may join or watch a transaction).
-        progress = finish_in_one_statement(operation_id, path, marked, plan) if self.sessions is session_scope else None
+        progress = finish_without_session(operation_id, path, marked, plan) if self.sessions is session_scope else None
         if progress is None:
             with self.sessions() as session:
                 progress = complete_step(session, operation_id, path, marked, plan=plan)

@@ -143,7 +143,7 @@ def test_on_postgresql_an_operations_last_step_is_recorded_in_one_statement(stub
         if recording.is_set() and statement.lstrip().upper().startswith(("WITH", "UPDATE", "INSERT")):
             statements.append(statement)
 
-    real_finish = middleware.transitions.finish_in_one_statement
+    real_finish = middleware.transitions.finish_without_session
 
     def finish_watched(*args, **kwargs):
         recording.set()
@@ -155,7 +155,7 @@ def test_on_postgresql_an_operations_last_step_is_recorded_in_one_statement(stub
     event.listen(get_engine(), "before_cursor_execute", count)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(middleware.transitions, "finish_in_one_statement", finish_watched)
+            patch.setattr(middleware.transitions, "finish_without_session", finish_watched)
             # When an operation runs to its end (its steps chained, marked, recorded at the end)
             handle = InstanceCreateExecutor.execute(make_instance(make_tenant(), volumes=0))
             drain(stub_broker)

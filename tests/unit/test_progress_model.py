@@ -34,7 +34,7 @@ from middleware.progress import (
     check_step,
     complete_step,
     fail_operation,
-    finish_in_one_statement,
+    finish_without_session,
     first_steps,
     outgoing_of,
 )
@@ -205,7 +205,7 @@ def succeed(run: Run, message: Message, queue: list[Message], chain: bool, knows
         return
     marked = marks.paths(run.operation_id)
     # A worker knowing the plan records the last step in one statement where it can (PostgreSQL), as a worker does.
-    progress = finish_in_one_statement(run.operation_id, path, marked, run.plan) if knows_plan else None
+    progress = finish_without_session(run.operation_id, path, marked, run.plan) if knows_plan else None
     if progress is None:
         with session_scope() as session:
             progress = complete_step(session, run.operation_id, path, marked, plan=run.plan if knows_plan else None)
@@ -321,7 +321,7 @@ def test_progress_under_duplicates_reordering_and_failures(schema, shape, data):
         with read_scope() as session:
             check = check_step(session, run.operation_id, path, marks.paths(run.operation_id))
         assert check.skip is not None and check.ended
-        assert finish_in_one_statement(run.operation_id, path, {}, run.plan) in (None, Progress([]))
+        assert finish_without_session(run.operation_id, path, {}, run.plan) in (None, Progress([]))
         with session_scope() as session:
             assert complete_step(session, run.operation_id, path) == Progress([])
             assert complete_step(session, run.operation_id, path, plan=run.plan) == Progress([])

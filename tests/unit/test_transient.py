@@ -113,8 +113,8 @@ def test_a_database_blip_while_recording_a_step_is_retried_in_place(stub_broker,
     )
     monkeypatch.setattr(
         middleware.transitions,
-        "finish_in_one_statement",
-        fail_first(1, database_blip, middleware.transitions.finish_in_one_statement),
+        "finish_without_session",
+        fail_first(1, database_blip, middleware.transitions.finish_without_session),
     )
     handle = InstanceCreateExecutor.execute(instance)
     drain(stub_broker)

@@ -1,19 +1,33 @@
-"""The reads before and after every step run on a pooled driver connection (``resources.quick_reads``): the same
+"""The reads before and after every step run on a pooled driver connection (``resources.quick_statements``): the same
 answers as through a SQLAlchemy Connection, no transaction left open, the connection back in the pool."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, create_engine, func, select, text
+from sqlalchemy import (
+    Column,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    create_engine,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import exc as sql_errors
 
 from middleware.progress import _CHECK, _RECORDED_PATHS, _STATUS_AND_RECORD
 from middleware.transient import is_transient
 from resources.db import get_engine, join_session, session_scope
 from resources.models import Operation, OperationStatus, StepDone
-from resources.quick_reads import QuickReader, quick_reads
+from resources.quick_statements import QuickStatements, quick_reads, quick_write
 from tests.fixtures import wait_for
 
 PLAN = {"root": {"kind": "seq", "children": []}, "parties": [], "throttle": [["scope", 4]]}
@@ -40,7 +54,7 @@ def test_a_read_answers_as_it_does_through_a_connection(done: tuple[str, ...]) -
     parameters = {"operation_id": operation_id, "path": "0"}
 
     with quick_reads() as reader:
-        assert isinstance(reader, QuickReader)
+        assert isinstance(reader, QuickStatements)
         check = reader.execute(_CHECK, parameters).one_or_none()
         status = reader.execute(_STATUS_AND_RECORD, parameters).one_or_none()
         paths = reader.scalars(_RECORDED_PATHS, {"operation_id": operation_id})
@@ -101,7 +115,7 @@ def test_a_connection_the_server_dropped_fails_as_transient_and_leaves_the_pool(
     def read_pid() -> int:
         pooled = engine.raw_connection()
         try:
-            return QuickReader(engine.dialect, pooled).scalars(backend, {})[0]
+            return QuickStatements(engine.dialect, pooled).scalars(backend, {})[0]
         finally:
             pooled.close()
 
@@ -132,7 +146,46 @@ def test_inside_a_joined_session_the_reads_see_its_transaction() -> None:
 
 
 @pytest.mark.usefixtures("database")
-def test_a_parameter_that_needs_converting_is_refused_with_the_way_out() -> None:
-    statement = select(Operation.id).where(Operation.status == bindparam("count", type_=Integer))
-    with quick_reads() as reader, pytest.raises(TypeError, match=r"(?s)text parameters only.*through a Connection"):
-        reader.execute(statement, {"count": 1})
+def test_parameters_are_converted_by_their_types_as_through_a_connection() -> None:
+    operation_id = _operation()
+    cutoff = select(Operation.id).where(Operation.created_at < bindparam("cutoff", type_=DateTime))
+    later = {"cutoff": datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=1)}
+    with quick_reads() as reader:
+        assert reader.scalars(cutoff, later) == [operation_id]
+        assert reader.scalars(cutoff, {"cutoff": datetime(2000, 1, 1)}) == []
+
+
+@pytest.mark.usefixtures("database")
+def test_a_statement_with_parameters_rendered_at_execution_is_refused_with_the_way_out() -> None:
+    listed = select(Operation.id).where(Operation.id.in_(bindparam("ids", expanding=True)))
+    with quick_reads() as reader, pytest.raises(TypeError, match="run it through a Connection"):
+        reader.execute(listed, {"ids": ["a", "b"]})
+
+
+@pytest.mark.usefixtures("database")
+def test_a_quick_write_commits_its_block_or_rolls_it_back() -> None:
+    operation_id = _operation()
+    finish = update(Operation).where(Operation.id == bindparam("operation_id")).values(status=OperationStatus.SUCCEEDED)
+    if get_engine().dialect.name != "sqlite":
+        with quick_write() as statements:
+            assert statements is None  # PostgreSQL's last record is one autocommitted statement instead
+        return
+    with pytest.raises(RuntimeError, match="on purpose"), quick_write() as statements:
+        assert statements is not None
+        statements.execute(finish, {"operation_id": operation_id})
+        raise RuntimeError("on purpose")
+    with session_scope() as session:
+        assert session.get(Operation, operation_id).status == OperationStatus.RUNNING  # type: ignore[union-attr]
+
+    with quick_write() as statements:
+        assert statements is not None
+        ended = statements.execute(finish.returning(Operation.created_at), {"operation_id": operation_id})
+        (created_at,) = ended.one_or_none() or (None,)
+        assert isinstance(created_at, datetime)  # converted by the column's type, not the driver's text
+        rows = [{"operation_id": operation_id, "path": path, "done_at": datetime(2026, 1, 1)} for path in "01"]
+        statements.executemany(insert(StepDone), rows)
+    with session_scope() as session:
+        assert session.get(Operation, operation_id).status == OperationStatus.SUCCEEDED  # type: ignore[union-attr]
+        assert session.get(StepDone, (operation_id, "1")).done_at == datetime(2026, 1, 1)  # type: ignore[union-attr]
+        stored = session.execute(text("SELECT done_at FROM operation_steps_done WHERE path = '1'")).scalar_one()
+    assert stored == "2026-01-01 00:00:00.000000"  # as SQLAlchemy stores it, not as the driver would
