@@ -37,10 +37,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from resources.after_commit import on_commit
-from resources.db import autocommit_connection
 from resources.metrics import operation_ended, operation_ended_as, operation_ended_now
 from resources.models import Operation, OperationStatus, StepDone, utcnow
-from resources.quick_statements import QuickStatements, quick_write
+from resources.quick_statements import QuickStatements, quick_autocommit, quick_write
 from resources.transitions import record_error
 
 from .plan import advance, finishing_alone, message_of, start_paths
@@ -354,10 +353,10 @@ def finish_without_session(
         return None
     now = utcnow()
     rows = [*marked.items(), *((p, now) for p in completed)]
-    with autocommit_connection() as connection:
-        if connection is not None:
+    with quick_autocommit() as statements:
+        if statements is not None:
             parameters = {"paths": [p for p, _ in rows], "done_at": [at for _, at in rows]}
-            ended = connection.execute(
+            ended = statements.execute(
                 _FINISH_IN_ONE, {"operation_id": operation_id, "finished_at": now, **parameters}
             ).one_or_none()
             return _ended_without_session(operation_id, ended, now, plan)

@@ -28,7 +28,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from .db import get_engine, joined_session
 from .sqlite_turns import TurnTakingConnection
 
-__all__ = ["QuickRows", "QuickStatements", "quick_reads", "quick_write"]
+__all__ = ["QuickRows", "QuickStatements", "quick_autocommit", "quick_reads", "quick_write"]
 
 
 class _Compiled:
@@ -155,6 +155,22 @@ def quick_reads(url: str | None = None) -> Iterator[QuickStatements | Session]:
     pooled = engine.raw_connection()
     try:
         yield QuickStatements(engine.dialect, pooled)
+    finally:
+        pooled.close()
+
+
+@contextmanager
+def quick_autocommit(url: str | None = None) -> Iterator[QuickStatements | None]:
+    """On PostgreSQL, ``QuickStatements`` whose every statement commits on its own, for a write that is one
+    statement. None on SQLite (its writers take turns at BEGIN: see ``quick_write``) and inside ``join_session``,
+    where the caller's transaction decides."""
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql" or (joined_session() is not None and url is None):
+        yield None
+        return
+    pooled = engine.raw_connection()
+    try:
+        yield QuickStatements(engine.dialect, pooled)  # the dialect keeps the driver in autocommit (pg_piggyback)
     finally:
         pooled.close()
 

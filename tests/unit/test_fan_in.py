@@ -15,6 +15,7 @@ from middleware.plan import OPTION_NODE, step_paths
 from middleware.progress import complete_step, first_steps
 from resources.db import get_engine, read_scope, session_scope
 from resources.models import Instance, Operation, StepDone
+from resources.quick_statements import QuickStatements
 from resources.states import State
 from tests.fixtures import RECORDER, drain, make_instance, make_tenant
 
@@ -152,10 +153,18 @@ def test_on_postgresql_an_operations_last_step_is_recorded_in_one_statement(stub
         finally:
             recording.clear()
 
+    real_execute = QuickStatements.execute
+
+    def execute_counted(self, statement, parameters):  # statements on a pooled driver connection, no events
+        if recording.is_set():
+            statements.append(str(statement.compile(dialect=get_engine().dialect)))
+        return real_execute(self, statement, parameters)
+
     event.listen(get_engine(), "before_cursor_execute", count)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(middleware.transitions, "finish_without_session", finish_watched)
+            patch.setattr(QuickStatements, "execute", execute_counted)
             # When an operation runs to its end (its steps chained, marked, recorded at the end)
             handle = InstanceCreateExecutor.execute(make_instance(make_tenant(), volumes=0))
             drain(stub_broker)
