@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, Connection, Engine, create_engine, event, exc, inspect, make_url
+from sqlalchemy import URL, Engine, create_engine, event, exc, inspect, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import pg_piggyback
@@ -20,7 +20,6 @@ from .models import Base
 from .sqlite_turns import TurnTakingConnection
 
 __all__ = [
-    "autocommit_connection",
     "create_schema",
     "drop_schema",
     "get_engine",
@@ -179,19 +178,6 @@ def read_scope(url: str | None = None) -> Iterator[Session]:
             yield session
         finally:
             session.rollback()
-
-
-@contextmanager
-def autocommit_connection(url: str | None = None) -> Iterator[Connection | None]:
-    """A PostgreSQL connection whose every statement commits on its own, for a write that is one statement:
-    no BEGIN and COMMIT, two of the three round trips it would cost in a transaction. None on SQLite (its
-    writers take turns at BEGIN) and inside ``join_session`` (the caller's transaction decides)."""
-    engine = get_engine(url)
-    if engine.dialect.name != "postgresql" or (_JOINED.get() is not None and url is None):
-        yield None
-        return
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        yield connection
 
 
 def joined_session() -> Session | None:
