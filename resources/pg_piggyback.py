@@ -189,32 +189,28 @@ def _forget_unsent(control: _Control, savepoint: bytes) -> bool:
 
 def _with_owed(cursor: Any, execute: Any) -> None:
     """Run ``execute`` on ``cursor``, preceded in the same round trip by the statements its connection owes."""
-    connection = cursor.connection
-    control = _control(connection)
-    if not control.owed:
-        execute()
-        return
     if isinstance(cursor, psycopg.ServerCursor):  # psycopg's pipeline mode does not take server-side cursors
-        _send_owed(connection)
+        _send_owed(cursor.connection)
         execute()
-        return
-    owed, control.owed = control.owed, []
-    with connection.pipeline():
-        helper = connection.cursor()
-        for sql in owed:
-            helper.execute(sql)
-        execute()
+    else:
+        _send_owed(cursor.connection, then=execute)
 
 
-def _send_owed(connection: Any) -> None:
+def _send_owed(connection: Any, then: Any = None) -> None:
+    """Send what ``connection`` owes, then run ``then`` (if given) in the same pipeline; just ``then`` if it owes
+    nothing."""
     control = _control(connection)
     if not control.owed:
+        if then is not None:
+            then()
         return
     owed, control.owed = control.owed, []
     with connection.pipeline():
         helper = connection.cursor()
         for sql in owed:
             helper.execute(sql)
+        if then is not None:
+            then()
 
 
 def register() -> None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Executable, Insert
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
@@ -151,7 +151,13 @@ def quick_reads(url: str | None = None) -> Iterator[QuickStatements | Session]:
     if joined is not None and url is None:
         yield joined
         return
-    engine = get_engine(url)
+    with _pooled(get_engine(url)) as statements:
+        yield statements
+
+
+@contextmanager
+def _pooled(engine: Engine) -> Iterator[QuickStatements]:
+    """``QuickStatements`` on a connection from ``engine``'s pool, returned to it afterwards."""
     pooled = engine.raw_connection()
     try:
         yield QuickStatements(engine.dialect, pooled)
@@ -168,11 +174,8 @@ def quick_autocommit(url: str | None = None) -> Iterator[QuickStatements | None]
     if engine.dialect.name != "postgresql" or (joined_session() is not None and url is None):
         yield None
         return
-    pooled = engine.raw_connection()
-    try:
-        yield QuickStatements(engine.dialect, pooled)  # the dialect keeps the driver in autocommit (pg_piggyback)
-    finally:
-        pooled.close()
+    with _pooled(engine) as statements:  # the dialect keeps the driver in autocommit (pg_piggyback)
+        yield statements
 
 
 @contextmanager
