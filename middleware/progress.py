@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from resources.after_commit import on_commit
+from resources.db import get_engine
 from resources.metrics import operation_ended, operation_ended_as, operation_ended_now
 from resources.models import Operation, OperationStatus, StepDone, utcnow
 from resources.quick_statements import QuickStatements, quick_autocommit, quick_write
@@ -360,6 +361,8 @@ def finish_without_session(
                 _FINISH_IN_ONE, {"operation_id": operation_id, "finished_at": now, **parameters}
             ).one_or_none()
             return _ended_without_session(operation_id, ended, now, plan)
+    if not get_engine().dialect.update_returning:
+        return None  # a SQLite before 3.35 (no RETURNING): complete_step's four statements
     with quick_write() as statements:
         if statements is None:
             return None
