@@ -90,9 +90,6 @@ class QuickRows:
             raise ValueError(f"expected at most one row, got {len(self.rows)}")
         return self.rows[0] if self.rows else None
 
-    def all(self) -> list[tuple[Any, ...]]:
-        return self.rows
-
 
 class QuickStatements:
     """Runs Core statements on one pooled driver connection (``execute``, ``scalars``, as a Connection has, and
