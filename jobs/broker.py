@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import dramatiq
+import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.encoder import JSONEncoder
@@ -28,6 +29,7 @@ from middleware.log_context import LogContext
 from middleware.transient import PatientRetries
 from resources import metrics
 from resources.config import get_settings
+from resources.redis_client import ThreadConnections
 
 from . import queues
 from .redis_broker import BrokerMaintenance, JobsRedisBroker
@@ -81,7 +83,7 @@ def build_broker() -> dramatiq.Broker:
         broker = RabbitmqBroker(url=settings.amqp_url, middleware=build_middleware(), confirm_delivery=True)
     else:
         broker = JobsRedisBroker(
-            url=settings.broker_url,
+            client=ThreadConnections(redis.ConnectionPool.from_url(settings.broker_url)),
             namespace=f"{settings.namespace}:dramatiq",
             middleware=build_middleware(),
             heartbeat_timeout=settings.broker_heartbeat_timeout_ms,

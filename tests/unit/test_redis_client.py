@@ -1,0 +1,132 @@
+"""The project's Redis client: each thread's commands on a connection of its own, kept between commands."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from resources.redis_client import ThreadConnections, get_redis
+
+
+@pytest.fixture
+def client() -> Iterator[ThreadConnections]:
+    client = ThreadConnections(redis.ConnectionPool.from_url(os.environ["REDIS_URL"], decode_responses=True))
+    yield client
+    client.connection_pool.disconnect()
+
+
+@pytest.fixture
+def key(client: ThreadConnections) -> Iterator[str]:
+    key = f"{os.environ['JOBS_NAMESPACE']}:client-{uuid.uuid4().hex[:8]}"
+    yield key
+    client.delete(key, f"{key}:token")
+
+
+def _in_thread(work) -> object:
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(work()))
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    return out[0]
+
+
+def test_a_thread_keeps_its_connection_and_another_thread_has_its_own(client):
+    # Given one client used from two threads
+    # When each thread sends commands
+    here = {client.client_id() for _ in range(5)}
+    there = _in_thread(lambda: {client.client_id() for _ in range(5)})
+
+    # Then each thread's commands went over one connection, and not the other thread's
+    assert len(here) == 1 and len(there) == 1
+    assert here != there
+
+
+def test_get_redis_is_such_a_client():
+    assert isinstance(get_redis(), ThreadConnections)
+    assert isinstance(get_redis(), redis.Redis)  # typed as, and usable as, redis-py's client
+
+
+def test_a_script_registered_here_runs_in_another_thread_while_this_one_waits_in_a_blocking_command(client, key):
+    # Given a script registered in this thread, which then blocks in BLPOP
+    script = client.register_script("return redis.call('RPUSH', KEYS[1], ARGV[1])")
+    this_connection = client.client_id()
+    observer = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+
+    def other_thread() -> None:
+        _wait_for(lambda: "b" in observer.client_list(client_id=[this_connection])[0]["flags"])
+        # When another thread runs the script, then pushes the token this thread waits for
+        script(keys=[key], args=["x"])
+        client.rpush(f"{key}:token", "go")
+
+    helper = threading.Thread(target=other_thread)
+    helper.start()
+    popped = client.blpop([f"{key}:token"], timeout=20)
+    helper.join(timeout=30)
+
+    # Then neither waited for the other: this thread got the token, not its timeout (a script bound to the
+    # connection of the thread that registered it would have queued behind the BLPOP for its whole timeout)
+    assert popped == (f"{key}:token", "go")
+    assert client.lrange(key, 0, -1) == ["x"]
+
+
+def test_a_pipeline_works_as_on_any_client(client, key):
+    with client.pipeline(transaction=True) as pipe:
+        pipe.rpush(key, "a").rpush(key, "b").lrange(key, 0, -1)
+        assert pipe.execute()[-1] == ["a", "b"]
+
+
+def test_a_forked_child_does_not_use_the_parents_connection(client):
+    # Given a thread that has its connection
+    parent_id = client.client_id()
+    read_end, write_end = os.pipe()
+
+    # When the process forks and the child sends a command
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.write(write_end, str(client.client_id()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    child_id = int(os.read(read_end, 100).decode())
+    os.waitpid(pid, 0)
+    os.close(read_end)
+
+    # Then the child's went over a connection of its own, and the parent's connection still works
+    assert child_id != parent_id
+    assert client.client_id() == parent_id
+
+
+def test_a_thread_that_ends_gives_its_connection_back():
+    # Given a client whose connections carry a name of their own
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    client = ThreadConnections(redis.ConnectionPool.from_url(os.environ["REDIS_URL"], client_name=name))
+
+    # When one thread after another sends a command and ends
+    for _ in range(10):
+        _in_thread(client.ping)
+        gc.collect()
+
+    # Then they took turns with the same connection instead of opening one each
+    observer = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    assert len([c for c in observer.client_list() if c["name"] == name]) == 1
+    client.connection_pool.disconnect()
+
+
+def _wait_for(condition, timeout_s: float = 20.0) -> None:
+    done = threading.Event()
+    deadline = threading.Timer(timeout_s, done.set)
+    deadline.start()
+    try:
+        while not condition():
+            if done.wait(0.01):
+                raise AssertionError("condition not met in time")
+    finally:
+        deadline.cancel()
