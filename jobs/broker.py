@@ -63,7 +63,7 @@ def build_middleware() -> list[Middleware]:
         InFlight(),
         # Before Retries, so its after-hook sees message.failed (hooks run in reverse order).
         OperationTransitions(throttle=throttle),
-        # After it: its after-hook (the step is over: the lease stops expiring) runs first.
+        # Its steps' admissions and lease changes come from OperationTransitions; here for its heartbeat.
         throttle,
         # Steps retry only transient errors (and polls when they ask); see middleware.transient.
         PatientRetries(max_retries=0, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS),

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from redis.commands.core import Script
 
 from resources.config import get_settings
+from resources.redis_client import ScriptCall, run_calls
 
 from .redis_state import LazyRedis
 
@@ -58,18 +60,28 @@ class StepMarks(LazyRedis):
         prefix = self._prefix or f"{get_settings().namespace}:steps"
         return f"{prefix}:{operation_id}"
 
-    def record(self, operation_id: str, path: str, marker: str | None = None, at: float | None = None) -> bool:
+    def record(
+        self,
+        operation_id: str,
+        path: str,
+        marker: str | None = None,
+        at: float | None = None,
+        *,
+        along: Sequence[ScriptCall] = (),
+    ) -> bool:
         """Mark step ``path`` done (at ``at``, seconds since the epoch; now by default); False, marking nothing,
         once the operation's chains were stopped or when another ``marker`` (a name for this completion of the
         step: the same on a retry of the call, another for each copy of the step) marked it already. The caller
-        then records the step in the database, which finds it ended or done and starts nothing."""
+        then records the step in the database, which finds it ended or done and starts nothing. ``along``: calls
+        to make first, in the same round trip (see ``run_calls``), whatever the mark comes to."""
         if self._record_script is None:
             self._record_script = self.client.register_script(_RECORD)
         key = self._key(operation_id)
         when = time.time() if at is None else at
-        marked = self._record_script(
-            keys=[key, f"{key}:stopped"], args=[path, repr(when), marker or uuid.uuid4().hex, MARKS_TTL_S]
+        mark = ScriptCall(
+            self._record_script, (key, f"{key}:stopped"), (path, repr(when), marker or uuid.uuid4().hex, MARKS_TTL_S)
         )
+        *_, marked = run_calls(self.client, [*along, mark])
         return bool(marked)
 
     def paths(self, operation_id: str) -> dict[str, datetime]:

@@ -28,6 +28,7 @@ from resources.config import get_settings
 from resources.db import session_scope
 from resources.models import OperationStatus
 from resources.quick_statements import quick_reads
+from resources.redis_client import ScriptCall, run_calls
 from resources.sqlite_turns import write_in_background_lane
 
 from .chain import StepChain
@@ -225,11 +226,21 @@ class OperationTransitions(Middleware):
                 )
             return
         operation_id, path = message.options[OPTION_OPERATION], message.options[OPTION_NODE]
+        # The step is over: once no step of its operation runs here, its lease stops expiring, before the outcome
+        # is recorded (see Throttle.after_step). With the record of a chained step's mark when there is one.
+        queued = self.throttle.after_step(message) if self.throttle is not None else None
         if exception is not None and not message.failed:
+            self._lease_queued(queued)
             return  # Retries will deliver it again; not a failure yet.
         # The step has had its effect: record it even through a database or broker blip, its message
         # unacknowledged meanwhile (a worker killed here has it delivered again, and the duplicate is harmless).
         what = f"step {path} of operation {operation_id}"
+        # Decided once: a retry of the record after its mark must not change its mind (say, the worker began
+        # to shut down meanwhile), or it would find its own mark and take the step for a duplicate.
+        chained_next = self._chained_next(broker, message, path) if exception is None else None
+        if chained_next is None:
+            self._lease_queued(queued)
+            queued = None
         if exception is not None:
             outbox_id = retry_in_place(
                 lambda: self._record_failure(message, operation_id, exception), f"failing {what}"
@@ -237,13 +248,10 @@ class OperationTransitions(Middleware):
             deliver(broker, outbox_id, operation_id)
             forget_marks(broker, operation_id, self.marks)
             return
-        # Decided once: a retry of the record after its mark must not change its mind (say, the worker began
-        # to shut down meanwhile), or it would find its own mark and take the step for a duplicate.
-        chained_next = self._chained_next(broker, message, path)
         # This completion's name and time in its step mark, the same through every retry.
         marker, at = uuid.uuid4().hex, time.time()
         progress, successor, marked = retry_in_place(
-            lambda: self._record_success(broker, message, operation_id, path, chained_next, (marker, at)),
+            lambda: self._record_success(broker, message, operation_id, path, chained_next, (marker, at), queued),
             f"recording {what}",
         )
         if successor is not None:
@@ -303,15 +311,18 @@ class OperationTransitions(Middleware):
         path: str,
         chained_next: tuple[Progress, Message[Any]] | None,
         mark: tuple[str, float],
+        queued: ScriptCall | None = None,
     ) -> tuple[Progress, Message[Any] | None, dict[str, datetime] | None]:
-        """Record the step (``mark``: the marker and time of its mark, if it gets one); return what follows it,
-        the step this worker runs next (None: send it) and, for that step, the operation's marks if known."""
+        """Record the step (``mark``: the marker and time of its mark, if it gets one; ``queued``: the throttle's
+        call to make in the mark's round trip); return what follows it, the step this worker runs next (None: send
+        it) and, for that step, the operation's marks if known."""
         # When the step after this one runs here next, a mark in Redis records this one (see
         # middleware.step_marks): no transaction, and on SQLite no turn at the one writer. Refused once the
         # operation is being ended, or when another copy of the step marked it first: recorded below then, which
         # finds it ended or done and starts nothing.
         marker, at = mark
-        if chained_next is not None and self.marks.record(operation_id, path, marker, at):
+        along = [queued] if queued is not None else []
+        if chained_next is not None and self.marks.record(operation_id, path, marker, at, along=along):
             if self.chain.is_chained(message) or self._still_to_record(operation_id, path):
                 known = self._marks_known(message)
                 return *chained_next, None if known is None else {**known, path: completed_at(at)}
@@ -330,6 +341,16 @@ class OperationTransitions(Middleware):
             with self.sessions() as session:
                 progress = complete_step(session, operation_id, path, marked, plan=plan)
         return progress, self.chain.successor(broker, message, progress), None
+
+    def _lease_queued(self, queued: ScriptCall | None) -> None:
+        """Make the throttle's call of ``Throttle.after_step`` on its own (its failure is logged: the slot stays
+        taken, the lease expiring; the heartbeat's reaping then hands it on)."""
+        if queued is None or self.throttle is None:
+            return
+        try:
+            run_calls(self.throttle.store.client, [queued])
+        except Exception as error:
+            logger.warning("could not mark a step's lease queued (%s: %s)", type(error).__name__, error)
 
     def _still_to_record(self, operation_id: str, path: str) -> bool:
         """After marking a delivered step: does its operation still run, without a record of the step? A copy

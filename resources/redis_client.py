@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from .config import get_settings
 
-__all__ = ["ThreadConnections", "get_redis"]
+__all__ = ["ScriptCall", "ThreadConnections", "get_redis", "run_calls"]
 
 
 class _Own(threading.local):
@@ -53,3 +56,33 @@ def _client_for(url: str) -> redis.Redis:
 
 def get_redis(url: str | None = None) -> redis.Redis:
     return _client_for(url or get_settings().broker_url)
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """A Lua script call made ready to send, alone or with others in one round trip (``run_calls``)."""
+
+    script: Script
+    keys: Sequence[Any] = ()
+    args: Sequence[Any] = ()
+
+
+def run_calls(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Make ``calls`` in order, in one round trip; their replies, in order. A call whose script this server does
+    not have yet (a first call, a restart) is made again on its own once the others ran, the script then loaded:
+    only for calls that may run in either order, as repeating or reordering a call must not matter."""
+    if len(calls) == 1:
+        call = calls[0]
+        return [call.script(keys=list(call.keys), args=list(call.args), client=client)]
+    # EVALSHA by hand: a pipeline given script objects would first ask the server whether it has them, a round
+    # trip of its own.
+    with client.pipeline(transaction=False) as pipe:
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        replies = pipe.execute(raise_on_error=False)
+    for index, (call, reply) in enumerate(zip(calls, replies, strict=True)):
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            replies[index] = call.script(keys=list(call.keys), args=list(call.args), client=client)
+        elif isinstance(reply, Exception):
+            raise reply
+    return replies

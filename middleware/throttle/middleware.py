@@ -4,8 +4,9 @@ step to its end, across every worker process.
 The producer admits or parks an operation when it sends the first steps (:meth:`Throttle.submit`); the
 worker checks the operation still holds before every step (:meth:`before_step`: a step whose operation
 lost its slot re-acquires first) and releases at the terminal state, handing the slot to the next waiter
-in the same script (:meth:`release`). ``OperationTransitions`` calls these at the right moments: only it
-knows when a step is a duplicate or an operation has ended. Place this middleware after it in the list.
+in the same script (:meth:`release`); once a step is over, its operation's lease stops expiring until the next
+one starts (:meth:`after_step`). ``OperationTransitions`` calls these at the right moments: only it knows when
+a step is a duplicate or an operation has ended.
 
 A heartbeat thread per worker process renews the leases of operations whose steps run here (a busy step
 thread cannot starve it) and reaps expired ones: a killed worker's slots are reclaimed, a hand-off whose
@@ -28,7 +29,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 
 from resources.config import Settings, get_settings
 from resources.metrics import handoff_started
-from resources.redis_client import get_redis
+from resources.redis_client import ScriptCall, get_redis
 
 from ..heartbeat import Heartbeat
 from ..plan import OPTION_OPERATION, OPTION_THROTTLE
@@ -150,7 +151,8 @@ class Throttle(Middleware):
     # -- worker side -----------------------------------------------------------------------------
     def before_step(self, broker: dramatiq.Broker, message: Message[Any]) -> int | None:
         """Admit this step of its operation; park it (SkipMessage) when the operation must wait.
-        Returns the operation's grant number, or None when it is not throttled."""
+        Returns the operation's grant number, or None when it is not throttled. Its caller calls ``after_step``
+        once the step is over (``OperationTransitions`` does both)."""
         scopes = scopes_of(message.options)
         if not self.enabled or not scopes:
             return None
@@ -173,29 +175,27 @@ class Throttle(Middleware):
             self._running[operation_id] += 1
         return admission.fence
 
-    def after_process_message(
-        self, broker: dramatiq.Broker, message: Message[Any], *, result: Any = None, exception: Any = None
-    ) -> None:
-        """The step is over, whatever its outcome: once no step of its operation runs here, the lease
-        stops expiring; its next step, its retry or its redelivery is safe in the broker.
+    def after_step(self, message: Message[Any]) -> ScriptCall | None:
+        """The step that ``before_step`` admitted is over, whatever its outcome. Once no step of its operation
+        runs here, the operation's lease must stop expiring (its next step, its retry or its redelivery is safe in
+        the broker): returns the call that says so, which the caller makes (``run_calls``) before it records the
+        step's outcome, or in the round trip of that record when it is a mark in Redis. None: nothing to do.
 
-        This runs before ``OperationTransitions`` records the outcome (it sits later in the middleware
-        list, and after-hooks run in reverse order): a worker killed while recording or sending leaves
-        the operation holding its slot until the broker delivers the step again, instead of handing the
-        slot to another operation while this one is still between two steps.
+        Before the record: a worker killed while recording or sending leaves the operation holding its slot
+        until the broker delivers the step again, instead of handing the slot to another operation while this
+        one is still between two steps.
         """
         if not self.enabled or not message.options.get(OPTION_THROTTLE) or OPTION_OPERATION not in message.options:
-            return
+            return None
         operation_id = message.options[OPTION_OPERATION]
         with self._lock:
             if operation_id not in self._running:
-                return  # not admitted here (a callback, or parked)
+                return None  # not admitted here (a callback, a chained step, or parked)
             self._running[operation_id] -= 1
-            idle = self._running[operation_id] <= 0
-            if idle:
-                del self._running[operation_id]
-        if idle:
-            self.store.mark_queued([operation_id])
+            if self._running[operation_id] > 0:
+                return None
+            del self._running[operation_id]
+        return self.store.queued_call([operation_id])
 
     def release(self, broker: dramatiq.Broker, operation_id: str, *, delete_keys: Sequence[str] = ()) -> None:
         """End the operation's hold and send the next waiters' first steps. Idempotent. ``delete_keys`` go

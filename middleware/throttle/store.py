@@ -18,6 +18,8 @@ from uuid import uuid4
 import redis
 from redis.commands.core import Script
 
+from resources.redis_client import ScriptCall
+
 from .scopes import ThrottleScope
 
 __all__ = ["Admission", "Explanation", "Guard", "GuardedCall", "Handoff", "Holder", "ThrottleStore", "Waiter"]
@@ -269,6 +271,12 @@ class ThrottleStore:
         if not operation_ids:
             return []
         return _list(self._run("lease", now_ms, "queued", self.lease_ms, json.dumps(operation_ids)))
+
+    def queued_call(self, operation_ids: list[str]) -> ScriptCall:
+        """``mark_queued`` as a call to send with others in one round trip (``run_calls``); its reply is what
+        ``mark_queued`` would return, as JSON."""
+        args = self._args(None, "queued", self.lease_ms, json.dumps(operation_ids))
+        return ScriptCall(self._scripts["lease"], (), args)
 
     def reap(self, *, batch: int = 100, now_ms: int | None = None) -> tuple[list[Handoff], list[Handoff]]:
         """Act on expired leases: returns (hand-offs to send again, new hand-offs of reclaimed slots)."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from resources.redis_client import ThreadConnections, get_redis
+from resources.redis_client import ScriptCall, ThreadConnections, get_redis, run_calls
 
 
 @pytest.fixture
@@ -130,3 +130,27 @@ def _wait_for(condition, timeout_s: float = 20.0) -> None:
                 raise AssertionError("condition not met in time")
     finally:
         deadline.cancel()
+
+
+def test_calls_go_in_one_round_trip_in_order_even_when_the_server_lacks_a_script(client, key):
+    # Given two scripts this server has never seen (a comment makes each one new)
+    push = client.register_script(f"-- {uuid.uuid4().hex}\nreturn redis.call('RPUSH', KEYS[1], ARGV[1])")
+    read = client.register_script(f"-- {uuid.uuid4().hex}\nreturn redis.call('LRANGE', KEYS[1], 0, -1)")
+
+    # When they are run together, the second reading what the first wrote
+    replies = run_calls(client, [ScriptCall(push, (key,), ("a",)), ScriptCall(push, (key,), ("b",))])
+    then = run_calls(client, [ScriptCall(read, (key,), ())])
+
+    # Then both ran, in order, each loaded on the way
+    assert replies == [1, 2]
+    assert then == [["a", "b"]]
+
+
+def test_a_failing_call_raises_its_error(client, key):
+    fail = client.register_script("return redis.error_reply('refused by the test')")
+    push = client.register_script("return redis.call('RPUSH', KEYS[1], ARGV[1])")
+    push(keys=[key], args=["loaded"])
+    with pytest.raises(redis.ResponseError):
+        fail()  # loaded now: the failure below is the script's own, not a missing script
+    with pytest.raises(redis.ResponseError, match="refused by the test"):
+        run_calls(client, [ScriptCall(push, (key,), ("x",)), ScriptCall(fail)])

@@ -486,6 +486,37 @@ def test_chained_steps_of_a_sequence_run_under_the_grant_of_the_first(stub_broke
     assert fences["s0"] is not None and fences == {"s0": fences["s0"], "s1": fences["s0"], "s2": fences["s0"]}
 
 
+def test_the_first_steps_lease_is_queued_in_the_round_trip_of_its_mark(stub_broker, enqueues, monkeypatch, stub_worker):
+    # Given a throttled operation of three steps in sequence, and the Redis calls its steps' records make
+    import middleware.step_marks as step_marks
+    import middleware.transitions as transitions
+
+    with_marks: list[list[str]] = []
+    alone: list[list[str]] = []
+
+    def spy(made: list[list[str]], real: Any) -> Any:
+        def run_calls(client: Any, calls: Any) -> Any:
+            made.append(["queued" if call.args[2] == "queued" else call.args[0] for call in calls])
+            return real(client, calls)
+
+        return run_calls
+
+    monkeypatch.setattr(step_marks, "run_calls", spy(with_marks, step_marks.run_calls))
+    monkeypatch.setattr(transitions, "run_calls", spy(alone, transitions.run_calls))
+    throttle = find_throttle(stub_broker)
+    assert throttle is not None
+    handle = ThrottledExecutor.execute(make_instance(make_tenant(), volumes=0))
+
+    # When it runs
+    drain(stub_broker)
+
+    # Then the first step's mark carried the throttle's lease call (its lease stops expiring once it is over:
+    # "queued"), the second step's mark went alone, and no round trip was made for the lease by itself
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert with_marks == [["queued", "0"], ["1"]]
+    assert alone == []
+
+
 def test_chained_steps_inside_a_group_ask_the_throttle(stub_broker, enqueues, admissions, stub_worker):
     # Given a throttled operation whose two branches run side by side, each a sequence of two steps
     handle = ThrottledExecutor.execute(make_instance(make_tenant(), volumes=0), grouped=True)
