@@ -48,6 +48,22 @@ def test_a_thread_keeps_its_connection_and_another_thread_has_its_own(client):
     assert here != there
 
 
+def test_a_connection_the_server_closed_while_it_sat_unused_is_replaced_before_the_next_command(client, monkeypatch):
+    # Given a thread's connection, which Redis then closes (as a restart would), and a command after it sat
+    # unused (every command, here)
+    import resources.redis_client as redis_client
+
+    monkeypatch.setattr(redis_client, "CHECK_IDLE_AFTER_S", 0.0)
+    closed = client.client_id()
+    observer = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    assert observer.client_kill_filter(_id=closed) == 1
+
+    # When the thread sends its next command
+    # Then it goes over a new connection instead of failing on the closed one
+    assert client.ping() is True
+    assert client.client_id() != closed
+
+
 def test_get_redis_is_such_a_client():
     assert isinstance(get_redis(), ThreadConnections)
     assert isinstance(get_redis(), redis.Redis)  # typed as, and usable as, redis-py's client
