@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import URL, Engine, create_engine, event, exc, inspect, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import pg_piggyback
+from . import pg_piggyback, sqlite_savepoints
 from .config import get_settings
 from .errors import ConfigurationError
 from .models import Base
@@ -108,7 +108,7 @@ def ping_idle_connections(engine: Engine, idle_s: float = PING_AFTER_IDLE_S) -> 
 def _engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
-            url,
+            _with_savepoint_text(url),
             connect_args={
                 "timeout": SQLITE_BUSY_TIMEOUT_S,
                 "check_same_thread": False,
@@ -129,6 +129,15 @@ def _with_piggyback(url: str) -> URL:
         return parsed
     pg_piggyback.register()
     return parsed.set(drivername=f"postgresql+{pg_piggyback.DRIVER}")
+
+
+def _with_savepoint_text(url: str) -> URL:
+    """pysqlite URLs load the dialect that sends savepoint statements as text (``sqlite_savepoints``)."""
+    parsed = make_url(url)
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite"):
+        return parsed
+    sqlite_savepoints.register()
+    return parsed.set(drivername=f"sqlite+{sqlite_savepoints.DRIVER}")
 
 
 def get_engine(url: str | None = None) -> Engine:

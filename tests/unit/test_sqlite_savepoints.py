@@ -1,0 +1,68 @@
+"""On SQLite, savepoint statements are sent as text instead of being compiled anew on every use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, text
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from resources.db import get_engine
+from resources.sqlite_savepoints import SavepointTextDialect
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    engine = get_engine(f"sqlite:///{tmp_path / 'savepoints.sqlite3'}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x INTEGER)"))
+    return engine
+
+
+@pytest.fixture
+def sent(engine: Engine) -> list[str]:
+    statements: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", note)
+    yield statements
+    event.remove(engine, "before_cursor_execute", note)
+
+
+@pytest.fixture
+def never_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("a savepoint clause was compiled")
+
+    for visit in ("visit_savepoint", "visit_release_savepoint", "visit_rollback_to_savepoint"):
+        monkeypatch.setattr(SQLCompiler, visit, refuse)
+
+
+def test_sqlite_urls_load_the_dialect(engine):
+    assert isinstance(engine.dialect, SavepointTextDialect)
+    assert engine.dialect.name == "sqlite"
+
+
+def test_a_released_savepoint_keeps_its_changes_and_one_rolled_back_drops_them(engine, sent, never_compiled):
+    # Given a session's transaction with two savepoints: one released, one rolled back
+    with Session(engine) as session, session.begin():
+        with session.begin_nested():
+            session.execute(text("INSERT INTO t VALUES (1)"))
+        nested = session.begin_nested()
+        session.execute(text("INSERT INTO t VALUES (2)"))
+        nested.rollback()
+
+    # Then the first insert stayed and the second is gone, and the savepoints went as text, never compiled
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT x FROM t")).scalars().all() == [1]
+    assert [s for s in sent if "SAVEPOINT" in s] == [
+        "SAVEPOINT sa_savepoint_1",
+        "RELEASE SAVEPOINT sa_savepoint_1",
+        "SAVEPOINT sa_savepoint_2",
+        "ROLLBACK TO SAVEPOINT sa_savepoint_2",
+    ]
