@@ -31,12 +31,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from dramatiq.middleware import Middleware
 from rich.console import Console
 from rich.table import Table
 
@@ -111,27 +113,19 @@ def run(operations: int, warm_up: int) -> dict[str, Any]:
 # -- the child, under callgrind ------------------------------------------------------------------------------
 
 
-class _LastSteps:
+class _LastSteps(Middleware):
     """Counts the operations whose last step (the one given ``counter``) ran in this process, waking ``wait`` when
     all have: no polling, whose cost under callgrind would grow with the wall-clock time."""
 
     def __init__(self, counter: str, target: int) -> None:
-        import threading
-
-        from dramatiq.middleware import Middleware
-
         self.counter, self.target, self.seen = counter, target, 0
         self.done = threading.Event()
-        outer = self
 
-        class Seen(Middleware):
-            def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None):
-                if exception is None and message.args and message.args[0] == outer.counter:
-                    outer.seen += 1  # one worker thread: no lock needed
-                    if outer.seen >= outer.target:
-                        outer.done.set()
-
-        self.middleware = Seen()
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None, exception: Any = None) -> None:
+        if exception is None and message.args and message.args[0] == self.counter:
+            self.seen += 1  # one worker thread: no lock needed
+            if self.seen >= self.target:
+                self.done.set()
 
     def wait(self) -> None:
         if not self.done.wait(timeout=3600):
@@ -158,7 +152,7 @@ def _executors(operations: int) -> None:
             with session_scope() as session:
                 NoopExecutor.execute(session.get(Instance, instance_id), counter=counter, steps=STEPS)
         last_steps = _LastSteps(counter, operations)
-        broker.add_middleware(last_steps.middleware)
+        broker.add_middleware(last_steps)
         broker.emit_after("process_boot")
         worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=1000)
         worker.start()
@@ -186,7 +180,7 @@ def _plain(operations: int) -> None:
             messages.append(plain_step.message_with_options(args=(counter,), pipe_ignore=True))
             dramatiq.pipeline(messages, broker=broker).run()
         last_steps = _LastSteps(counter, operations)
-        broker.add_middleware(last_steps.middleware)
+        broker.add_middleware(last_steps)
         worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=1000)
         worker.start()
         client = redis.Redis.from_url(os.environ["REDIS_URL"])
