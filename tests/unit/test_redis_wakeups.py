@@ -139,6 +139,44 @@ def test_an_idle_worker_runs_a_new_message_while_its_consumers_wait(broker):
         worker.stop()
 
 
+def test_a_consumer_that_emptied_the_queue_waits_for_a_wake_up_without_fetching_again(broker, monkeypatch):
+    # Given a consumer that counts its fetches, and one message queued
+    fetches: list[int] = []
+    fetch = broker.fetch
+    monkeypatch.setattr(broker, "fetch", lambda queue, count: fetches.append(count) or fetch(queue, count))
+    consumer = broker.consume(QUEUE, prefetch=2, timeout=LONG_WAIT_MS)
+    first = broker.enqueue(_message("1"))
+
+    # When it hands that message out (its fetch took fewer than it asked for) and is asked for the next one
+    assert next(consumer).message_id == first.message_id
+    assert len(fetches) == 1
+    before = _blocked_clients(broker)
+    call = _InThread(lambda: next(consumer))
+
+    # Then it blocks in Redis with no fetch in between, and the next enqueue's token gets it the message
+    wait_for(lambda: _blocked_clients(broker) > before, timeout_s=10)
+    assert len(fetches) == 1
+    second = broker.enqueue(_message("2"))
+    assert call.wait().message_id == second.message_id
+    assert len(fetches) == 2
+
+
+def test_a_consumer_whose_wait_was_in_vain_fetches_before_it_waits_again(broker):
+    # Given a consumer that emptied the queue, then waited in vain
+    consumer = broker.consume(QUEUE, prefetch=2, timeout=200)
+    broker.enqueue(_message("1"))
+    assert next(consumer) is not None
+    assert next(consumer) is None
+
+    # When a message is queued without a wake-up token (as a server that lost its tokens would have it)
+    broker.enqueue(_message("2"))
+    broker.client.delete(broker.wakeups_key(QUEUE))
+
+    # Then the next call finds it
+    received = next(consumer)
+    assert received is not None and received.args == ("2",)
+
+
 def test_a_wait_ends_when_a_held_delayed_message_is_due(broker):
     # Given a delay-queue consumer holding one delayed message, with a wait that would last two minutes
     broker.enqueue(_message(), delay=200)
