@@ -203,9 +203,12 @@ class BaseExecutor:
         own_session = session is None
         if own_session:
             session = get_sessionmaker()()
-            instance = _reload(session, instance)
         assert session is not None
         try:
+            if own_session:
+                # Inside the try: a refusal here still closes the session, whose transaction (on SQLite, the
+                # write lock) would otherwise stay open for as long as the error's traceback is kept.
+                instance = _reload(session, instance)
             operation_id = new_uuid()
             # A savepoint: an error in pre_apply or in building the work undoes pre_apply's changes too,
             # so the caller's transaction is left as it was, whatever the caller then does.

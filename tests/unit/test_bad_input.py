@@ -8,14 +8,16 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from jobs.actors import backend_method
 from jobs.executors import InstanceCreateExecutor, InstanceResizeExecutor, InstanceUpdateExecutor
 from jobs.executors.standard import UpdateExecutor
 from middleware.sent_rows import sent_rows
-from resources.db import session_scope
+from resources.db import get_engine, session_scope
 from resources.errors import InvalidArgument, JobsError, TransitionNotAllowed
-from resources.models import Instance, Operation, OutboxMessage
+from resources.models import Instance, Operation, OutboxMessage, Resource
 from resources.states import State
 from tests.fixtures import drain, make_instance, make_tenant
 
@@ -70,6 +72,26 @@ def test_a_non_json_step_argument_undoes_pre_apply_even_if_the_caller_commits(st
     nothing_written(instance, State.OK)
 
 
+class _ClashingExecutor(InstanceUpdateExecutor):
+    """Its pre_apply leaves a pending row that the database refuses (an instance with another one's uuid): the
+    error comes at the flush before the operation's own rows are written, inside execute()'s savepoint."""
+
+    @classmethod
+    def pre_apply(cls, instance: Resource, *, session: Session, operation_id: str, **kwargs: Any) -> None:
+        super().pre_apply(instance, session=session, operation_id=operation_id, **kwargs)
+        session.add(Instance(name="clash", uuid=instance.uuid, service_settings_id=instance.service_settings_id))
+
+
+def test_a_row_pre_apply_left_that_the_database_refuses_undoes_the_whole_operation(stub_broker, stub_worker, cloud):
+    instance = ok_instance(stub_broker)
+    # When the flush of pre_apply's pending row fails, and the caller catches the error and commits anyway
+    with session_scope() as session, pytest.raises(IntegrityError):
+        _ClashingExecutor.execute(session.get_one(Instance, instance.id))
+    # Then nothing of the operation was written: no operation row, no outbox row, no transition
+    nothing_written(instance, State.OK)
+    assert stub_broker.queues["default"].qsize() == 0
+
+
 def test_an_unknown_option_is_refused_listing_the_ones_it_takes(stub_broker, stub_worker, cloud):
     instance = ok_instance(stub_broker)
     with pytest.raises(InvalidArgument) as raised:
@@ -110,6 +132,8 @@ def test_a_deleted_resource_is_refused_naming_it(stub_broker, cloud):
     instance = make_instance(make_tenant(), volumes=0)
     with session_scope() as session:
         session.delete(session.get_one(Instance, instance.id))
-    with pytest.raises(JobsError, match=f"Instance {instance.uuid} is not in the database"):
+    with pytest.raises(JobsError, match=f"Instance {instance.uuid} is not in the database") as raised:
         InstanceCreateExecutor.execute(instance)
     assert stub_broker.queues["default"].qsize() == 0
+    # ... and the transaction execute() opened to look for it is over, though the error (its frames) is still held
+    assert raised.value is not None and get_engine().pool.checkedout() == 0
