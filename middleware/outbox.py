@@ -32,6 +32,7 @@ from resources.config import get_settings
 from resources.db import read_scope, session_scope
 from resources.metrics import outbox_relayed
 from resources.models import OutboxMessage, new_uuid, utcnow
+from resources.quick_statements import quick_insert
 
 from .heartbeat import Heartbeat
 from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release, sent_claim
@@ -78,7 +79,7 @@ def stage(
     # A statement rather than an object: nothing reads the row back in this session, and the unit of work's
     # bookkeeping for one row costs more than the insert (it is in every execute()).
     if along is None:
-        session.execute(_INSERT_ROW, row)
+        quick_insert(session, _INSERT_ROW, row)
     else:
         _insert_with(session, along, row)
     return row_id
@@ -108,8 +109,8 @@ def _insert_with(session: Session, along: tuple[Insert, dict[str, Any]], row: di
     if session.get_bind().dialect.name == "postgresql" and parameters.keys() >= _column_keys(statement.table):
         session.execute(_with_row(statement), {**parameters, **{_ROW_PARAMETER.format(k): v for k, v in row.items()}})
         return
-    session.execute(statement, parameters)
-    session.execute(_INSERT_ROW, row)
+    quick_insert(session, statement, parameters)
+    quick_insert(session, _INSERT_ROW, row)
 
 
 def _outgoing(row: OutboxMessage) -> list[Outgoing]:

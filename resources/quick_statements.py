@@ -28,7 +28,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from .db import get_engine, joined_session
 from .sqlite_turns import TurnTakingConnection
 
-__all__ = ["QuickRows", "QuickStatements", "quick_autocommit", "quick_reads", "quick_write"]
+__all__ = ["QuickRows", "QuickStatements", "quick_autocommit", "quick_insert", "quick_reads", "quick_write"]
 
 
 class _Compiled:
@@ -201,3 +201,26 @@ def quick_write(url: str | None = None) -> Iterator[QuickStatements | None]:
             driver.commit()
     finally:
         pooled.close()
+
+
+def quick_insert(session: Session, statement: Insert, parameters: Mapping[str, Any]) -> None:
+    """``session.execute(statement, parameters)`` for an insert nothing reads back, in the session's transaction.
+
+    On SQLite, when ``parameters`` name every column, it runs on the transaction's driver connection as
+    ``QuickStatements`` do, after the session's autoflush (so the order of the writes is the same): about 60 µs
+    less per row, in the caller's ``execute()`` of every operation. Like every statement here, it fires no
+    Connection events (a ``before_cursor_execute`` listener does not see it; SQLite's trace callback does).
+    Otherwise it goes through the session: the models' Python defaults are applied by a Connection, and
+    PostgreSQL's dialect sends a transaction's BEGIN and savepoints with its next statement (``pg_piggyback``)."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite" or not parameters.keys() >= _column_keys(statement.table):
+        session.execute(statement, parameters)
+        return
+    if session.autoflush:
+        session.flush()
+    QuickStatements(connection.dialect, connection.connection).execute(statement, parameters)
+
+
+@functools.cache
+def _column_keys(table: Any) -> frozenset[str]:
+    return frozenset(column.key for column in table.c)

@@ -346,21 +346,39 @@ def test_the_janitor_counts_an_operation_waiting_in_the_outbox_as_alive(stub_bro
 
 
 class Inserts:
-    """The INSERT statements (with their WITH queries) the database gets while it listens."""
+    """The INSERT statements (with their WITH queries) the database gets while it listens: on SQLite, from the
+    driver's trace callback (some statements skip SQLAlchemy's events: ``resources.quick_statements``)."""
 
     def __init__(self) -> None:
         self.statements: list[str] = []
+        self._sqlite = get_engine().dialect.name == "sqlite"
 
-    def __call__(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+    def _seen(self, statement: str) -> None:
         if statement.lstrip().upper().startswith(("INSERT", "WITH")):
             self.statements.append(" ".join(statement.split()))
 
+    def _before_cursor_execute(self, conn: Any, cursor: Any, statement: str, *_rest: Any) -> None:
+        self._seen(statement)
+
+    def _on_checkout(self, dbapi_connection: Any, *_rest: Any) -> None:
+        dbapi_connection.set_trace_callback(self._seen)
+
+    def _on_checkin(self, dbapi_connection: Any, *_rest: Any) -> None:
+        dbapi_connection.set_trace_callback(None)
+
+    def _events(self) -> list[tuple[str, Any]]:
+        if self._sqlite:
+            return [("checkout", self._on_checkout), ("checkin", self._on_checkin)]
+        return [("before_cursor_execute", self._before_cursor_execute)]
+
     def __enter__(self) -> Inserts:
-        event.listen(get_engine(), "before_cursor_execute", self)
+        for name, listener in self._events():
+            event.listen(get_engine(), name, listener)
         return self
 
     def __exit__(self, *_exc: Any) -> None:
-        event.remove(get_engine(), "before_cursor_execute", self)
+        for name, listener in self._events():
+            event.remove(get_engine(), name, listener)
 
 
 def test_execute_writes_its_operation_and_outbox_row_in_one_statement_on_postgresql(stub_broker):
