@@ -15,7 +15,7 @@ from redis.commands.core import Script
 
 from .config import get_settings
 
-__all__ = ["ScriptCall", "ThreadConnections", "get_redis", "run_calls"]
+__all__ = ["ScriptCall", "ThreadConnections", "get_redis", "pipelined", "run_calls"]
 
 
 #: A thread's connection unused for this long is checked before its next command, as redis-py's pool checks
@@ -61,6 +61,28 @@ class ThreadConnections(redis.Redis):
     def execute_command(self, *args: Any, **options: Any) -> Any:
         return self._thread_client().execute_command(*args, **options)
 
+    def round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """``commands`` sent together on this thread's connection; their replies in order, an error reply as its
+        exception. What ``pipeline(transaction=False).execute(raise_on_error=False)`` does, without a pipeline's
+        bookkeeping (a connection taken from the pool and given back, a command stack, its observability
+        records: about 400 function calls for three commands) and without response callbacks, which the
+        commands it is for (EVALSHA, DEL) have none of. A lost connection is reconnected and the commands sent
+        again, under the connection's retry policy, as a pipeline does."""
+        connection = self._thread_client().connection
+        assert connection is not None  # a single-connection client keeps one from its construction
+
+        def send_and_read() -> list[Any]:
+            connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _command in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as error:
+                    replies.append(error)
+            return replies
+
+        return connection.retry.call_with_retry(send_and_read, lambda _error: connection.disconnect())
+
 
 def _reconnect_if_closed(connection: Any) -> None:
     """The pool's check of a connection it hands out: readable between two commands means closed by the server
@@ -83,6 +105,18 @@ def get_redis(url: str | None = None) -> redis.Redis:
     return _client_for(url or get_settings().broker_url)
 
 
+def pipelined(client: redis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """``commands`` (EVALSHA, DEL and other commands whose replies need no conversion) in one round trip; their
+    replies in order, an error reply as its exception. On ``ThreadConnections``, on the thread's own connection
+    (``ThreadConnections.round_trip``); on any other client, through a pipeline."""
+    if isinstance(client, ThreadConnections):
+        return client.round_trip(commands)
+    with client.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
+
+
 @dataclass(frozen=True)
 class ScriptCall:
     """A Lua script call made ready to send, alone or with others in one round trip (``run_calls``)."""
@@ -101,10 +135,9 @@ def run_calls(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
         return [call.script(keys=list(call.keys), args=list(call.args), client=client)]
     # EVALSHA by hand: a pipeline given script objects would first ask the server whether it has them, a round
     # trip of its own.
-    with client.pipeline(transaction=False) as pipe:
-        for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        replies = pipe.execute(raise_on_error=False)
+    replies = pipelined(
+        client, [("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args) for call in calls]
+    )
     for index, (call, reply) in enumerate(zip(calls, replies, strict=True)):
         if isinstance(reply, redis.exceptions.NoScriptError):
             replies[index] = call.script(keys=list(call.keys), args=list(call.args), client=client)

@@ -18,7 +18,7 @@ from uuid import uuid4
 import redis
 from redis.commands.core import Script
 
-from resources.redis_client import ScriptCall
+from resources.redis_client import ScriptCall, pipelined
 
 from .scopes import ThrottleScope
 
@@ -214,12 +214,15 @@ class ThrottleStore:
         granted_key = f"{self.prefix}:granting:{uuid4().hex}"
         for _attempt in range(2):
             # EVALSHA by hand, as in ``release``: a pipeline given script objects first asks whether they are loaded.
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, 0, *args, granted_key)
-                for call in then:
-                    pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.guarded_args(granted_key))
-                pipe.delete(granted_key)
-                reply, *outcomes, _deleted = pipe.execute(raise_on_error=False)
+            commands = [
+                ("EVALSHA", script.sha, 0, *args, granted_key),
+                *(
+                    ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.guarded_args(granted_key))
+                    for call in then
+                ),
+                ("DEL", granted_key),
+            ]
+            reply, *outcomes, _deleted = pipelined(self.client, commands)
             if not isinstance(reply, redis.exceptions.NoScriptError):
                 break
             # Not loaded on this server yet (a first call, a restart): nothing ran, so load it and go again.
@@ -249,10 +252,7 @@ class ThrottleStore:
         args = self._args(now_ms, operation_id, self.handoff_timeout_ms)
         # EVALSHA by hand: a pipeline given the script object would first ask whether it is loaded, a round
         # trip of its own. A server that lost its scripts (a restart) gets it run the usual way.
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.delete(*delete_keys)
-            pipe.evalsha(script.sha, 0, *args)
-            _deleted, reply = pipe.execute(raise_on_error=False)
+        _deleted, reply = pipelined(self.client, [("DEL", *delete_keys), ("EVALSHA", script.sha, 0, *args)])
         if isinstance(reply, redis.exceptions.NoScriptError):
             reply = script(args=args)
         elif isinstance(reply, Exception):

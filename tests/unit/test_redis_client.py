@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from resources.redis_client import ScriptCall, ThreadConnections, get_redis, run_calls
+from resources.redis_client import ScriptCall, ThreadConnections, get_redis, pipelined, run_calls
 
 
 @pytest.fixture
@@ -170,3 +170,38 @@ def test_a_failing_call_raises_its_error(client, key):
         fail()  # loaded now: the failure below is the script's own, not a missing script
     with pytest.raises(redis.ResponseError, match="refused by the test"):
         run_calls(client, [ScriptCall(push, (key,), ("x",)), ScriptCall(fail)])
+
+
+def test_commands_sent_together_use_the_threads_own_connection_and_answer_in_order(client, key):
+    # Given a thread that has sent a command over its connection
+    own = client.client_id()
+    observer = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    name = f"round-trip-{uuid.uuid4().hex[:8]}"
+    client.client_setname(name)
+
+    # When it sends commands together, one of them failing
+    replies = pipelined(client, [("SET", key, "1"), ("INCRBY", key, "x"), ("INCR", key), ("CLIENT", "ID")])
+
+    # Then each reply is in its place, the error as its exception, and they went over that same connection (a
+    # pipeline would have taken another one from the pool)
+    assert replies[0] is True or replies[0] == "OK"
+    assert isinstance(replies[1], redis.ResponseError)
+    assert replies[2:] == [2, own]
+    assert [c["id"] for c in observer.client_list() if c["name"] == name] == [str(own)]
+
+
+def test_commands_sent_together_over_a_connection_the_server_closed_fail_as_a_pipelines_and_the_next_reconnect(
+    client, key
+):
+    # Given a thread's connection that Redis closes while it was in use a moment ago (so it is not probed first)
+    closed = client.client_id()
+    observer = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    assert observer.client_kill_filter(_id=closed) == 1
+
+    # When the thread sends commands together, then again
+    # Then the first send fails as a pipeline's would (the pool's connections retry nothing), and the next ones
+    # go over a new connection
+    with pytest.raises(redis.ConnectionError):
+        pipelined(client, [("SET", key, "1"), ("CLIENT", "ID")])
+    replies = pipelined(client, [("SET", key, "1"), ("INCR", key), ("CLIENT", "ID")])
+    assert replies[1] == 2 and replies[2] != closed
