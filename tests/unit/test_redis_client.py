@@ -205,3 +205,16 @@ def test_commands_sent_together_over_a_connection_the_server_closed_fail_as_a_pi
         pipelined(client, [("SET", key, "1"), ("CLIENT", "ID")])
     replies = pipelined(client, [("SET", key, "1"), ("INCR", key), ("CLIENT", "ID")])
     assert replies[1] == 2 and replies[2] != closed
+
+
+@pytest.mark.parametrize("value", [True, None, object()])
+def test_a_value_redis_cannot_take_is_refused_before_anything_is_sent_as_redis_py_refuses_it(client, key, value):
+    # When commands sent together carry a value that is not bytes, a string or a number
+    with pytest.raises(redis.DataError) as raised:
+        pipelined(client, [("SET", key, "1"), ("SET", key, value)])
+
+    # Then it is refused as the client's own commands refuse it, naming the fix, and nothing was sent
+    with pytest.raises(redis.DataError):
+        client.set(key, value)
+    assert "Convert" in str(raised.value)
+    assert client.get(key) is None
