@@ -50,6 +50,7 @@ from middleware.heartbeat import Heartbeat
 from middleware.plan import OPTION_OPERATION
 from middleware.transitions import end_operation
 from resources.config import get_settings
+from resources.redis_client import RoundTripScript, run_script
 
 __all__ = [
     "BrokerMaintenance",
@@ -525,6 +526,9 @@ class JobsRedisBroker(RedisBroker):
         self._enqueue_script: Script | None = None
         self._top_up_script: Script | None = None
         super().__init__(**parameters)
+        # Dramatiq's acks, nacks and maintenance call its dispatch script: on the project's client, without a
+        # client command's bookkeeping (see resources.redis_client.run_calls).
+        self.scripts = {name: RoundTripScript(self.client, script) for name, script in self.scripts.items()}
         self.on_malformed: MalformedCallback | None = on_malformed or functools.partial(fail_malformed_operation, self)
 
     @property
@@ -566,7 +570,7 @@ class JobsRedisBroker(RedisBroker):
             self.wakeups_key(queue_name),
         ]
         count = min(count, self._max_unpack_size())
-        reply = self._fetch_script(keys=consumer_keys, args=[current_millis(), self.broker_id, count])
+        reply = run_script(self.client, self._fetch_script, consumer_keys, [current_millis(), self.broker_id, count])
         return list(zip(reply[0::2], reply[1::2], strict=True))
 
     def wait_for_enqueue(self, queue_name: str, timeout_s: float) -> bool:

@@ -20,7 +20,7 @@ except ImportError:  # redis-py without its hiredis extra: its own packer then
 
 from .config import get_settings
 
-__all__ = ["ScriptCall", "ThreadConnections", "get_redis", "pipelined", "run_calls"]
+__all__ = ["RoundTripScript", "ScriptCall", "ThreadConnections", "get_redis", "pipelined", "run_calls", "run_script"]
 
 
 #: A thread's connection unused for this long is checked before its next command, as redis-py's pool checks
@@ -160,3 +160,24 @@ def run_calls(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
         elif isinstance(reply, Exception):
             raise reply
     return replies
+
+
+def run_script(client: redis.Redis, script: Script, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+    """``script(keys=keys, args=args, client=client)``, as ``run_calls`` makes a call: on ``ThreadConnections``,
+    without a client command's bookkeeping."""
+    return run_calls(client, [ScriptCall(script, keys, args)])[0]
+
+
+class RoundTripScript:
+    """A registered script, called as a ``Script`` is (``script(keys=…, args=…)``) but made as ``run_script``
+    makes it: for code that calls the script objects it holds, Dramatiq's Redis broker for one."""
+
+    def __init__(self, client: redis.Redis, script: Script) -> None:
+        self.client = client
+        self.script = script
+
+    def __call__(self, keys: Sequence[Any] | None = None, args: Sequence[Any] | None = None, client: Any = None) -> Any:
+        return run_script(client or self.client, self.script, keys or (), args or ())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.script, name)  # sha, script, …

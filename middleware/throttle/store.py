@@ -18,7 +18,7 @@ from uuid import uuid4
 import redis
 from redis.commands.core import Script
 
-from resources.redis_client import ScriptCall, pipelined
+from resources.redis_client import ScriptCall, pipelined, run_script
 
 from .scopes import ThrottleScope
 
@@ -163,7 +163,7 @@ class ThrottleStore:
         return [self.prefix, "" if now_ms is None else str(now_ms), *args]
 
     def _run(self, name: str, now_ms: int | None, *args: Any) -> Any:
-        return json.loads(self._scripts[name](args=self._args(now_ms, *args)))
+        return json.loads(run_script(self.client, self._scripts[name], args=self._args(now_ms, *args)))
 
     # -- the operation's life --------------------------------------------------------------------
     def acquire(
@@ -204,7 +204,7 @@ class ThrottleStore:
         )
         if then and not start:
             return self._acquire_then(args, then)
-        return _admission(json.loads(self._scripts["acquire"](args=args)))
+        return _admission(json.loads(run_script(self.client, self._scripts["acquire"], args=args)))
 
     def _acquire_then(self, args: list[Any], then: Sequence[GuardedCall]) -> Admission:
         """The admission and the ``then`` calls in one round trip: a grant sets a key of its own, which each call

@@ -523,3 +523,30 @@ def test_a_consumer_thread_survives_redis_failing_while_it_moves_and_puts_back_d
         wait_for(lambda: _acks(broker, "default.DQ") == set(), timeout_s=10)
     finally:
         worker.stop()
+
+
+def test_acks_still_work_after_the_server_lost_its_scripts(calls):
+    # Given a broker on the project's client (each thread's own connection), a message handed out, and a Redis that
+    # then lost its scripts (as after a restart)
+    from resources.redis_client import ThreadConnections
+
+    client = ThreadConnections(redis.ConnectionPool.from_url(os.environ["REDIS_URL"]))
+    broker = _new_broker(calls, client=client, maintenance_chance=0)
+    broker.declare_queue(QUEUE)
+    try:
+        sent = broker.enqueue(_valid())
+        consumer = broker.consume(QUEUE, prefetch=1, timeout=5)
+        handed_out = wait_for(lambda: next(consumer), timeout_s=10)
+        broker.client.script_flush()
+
+        # When the worker acknowledges it, and the next message is fetched
+        consumer.ack(handed_out)
+        again = broker.enqueue(_valid())
+
+        # Then the scripts were loaded again on the way: the first is gone from the ack set, the next comes through
+        assert handed_out.message_id == sent.message_id
+        assert wait_for(lambda: next(consumer), timeout_s=10).message_id == again.message_id
+        assert _acks(broker) == {again.options["redis_message_id"].encode()}
+    finally:
+        _forget(broker)
+        client.connection_pool.disconnect()
