@@ -70,7 +70,7 @@ class ThreadConnections(redis.Redis):
         """``commands`` sent together on this thread's connection; their replies in order, an error reply as its
         exception. What ``pipeline(transaction=False).execute(raise_on_error=False)`` does, without a pipeline's
         bookkeeping (a connection taken from the pool and given back, a command stack, its observability
-        records: about 400 function calls for three commands) and without response callbacks, which the
+        records: several hundred function calls for three commands) and without response callbacks, which the
         commands it is for (EVALSHA, DEL) have none of. A lost connection is reconnected and the commands sent
         again, under the connection's retry policy, as a pipeline does."""
         connection = self._thread_client().connection
@@ -127,9 +127,14 @@ def _packed(connection: Any, commands: Sequence[Sequence[Any]]) -> Any:
 def pipelined(client: redis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
     """``commands`` (EVALSHA, DEL and other commands whose replies need no conversion) in one round trip; their
     replies in order, an error reply as its exception. On ``ThreadConnections``, on the thread's own connection
-    (``ThreadConnections.round_trip``); on any other client, through a pipeline."""
+    (``ThreadConnections.round_trip``); on any other client, as a command, or several through a pipeline."""
     if isinstance(client, ThreadConnections):
         return client.round_trip(commands)
+    if len(commands) == 1:  # a pipeline of one costs more than the command
+        try:
+            return [client.execute_command(*commands[0])]
+        except redis.ResponseError as error:
+            return [error]
     with client.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command)

@@ -218,3 +218,17 @@ def test_a_value_redis_cannot_take_is_refused_before_anything_is_sent_as_redis_p
         client.set(key, value)
     assert "Convert" in str(raised.value)
     assert client.get(key) is None
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_commands_sent_together_through_any_other_client_answer_the_same_way(key, count):
+    # Given a plain redis-py client (a broker given one, say)
+    plain = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    plain.set(key, "x")
+
+    # When one command, or several, are sent together, the first failing
+    replies = pipelined(plain, [("INCR", key), *[("GET", key)] * (count - 1)])
+
+    # Then the error is its exception in its place, and the other replies follow it
+    assert isinstance(replies[0], redis.ResponseError)
+    assert replies[1:] == ["x"] * (count - 1)
