@@ -32,7 +32,7 @@ from resources.config import get_settings
 from resources.db import read_scope, session_scope
 from resources.metrics import outbox_relayed
 from resources.models import OutboxMessage, new_uuid, utcnow
-from resources.quick_statements import quick_insert
+from resources.quick_statements import names_every_column, quick_insert
 
 from .heartbeat import Heartbeat
 from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release, sent_claim
@@ -96,17 +96,12 @@ def _with_row(statement: Insert) -> Insert:
     return statement.add_cte(insert(table).values(values).cte("outbox_row"))
 
 
-@functools.cache
-def _column_keys(table: Any) -> frozenset[str]:
-    return frozenset(c.key for c in table.c)
-
-
 def _insert_with(session: Session, along: tuple[Insert, dict[str, Any]], row: dict[str, Any]) -> None:
     """The insert ``along`` and the outbox ``row``: on PostgreSQL one statement (the row a data-modifying WITH
     query of the other insert), one database round trip instead of two. Elsewhere, or when ``along``'s
     parameters leave a column to its Python default (which the WITH form would not apply), two statements."""
     statement, parameters = along
-    if session.get_bind().dialect.name == "postgresql" and parameters.keys() >= _column_keys(statement.table):
+    if session.get_bind().dialect.name == "postgresql" and names_every_column(statement, parameters):
         session.execute(_with_row(statement), {**parameters, **{_ROW_PARAMETER.format(k): v for k, v in row.items()}})
         return
     quick_insert(session, statement, parameters)

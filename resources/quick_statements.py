@@ -28,7 +28,15 @@ from sqlalchemy.pool import PoolProxiedConnection
 from .db import get_engine, joined_session
 from .sqlite_turns import TurnTakingConnection
 
-__all__ = ["QuickRows", "QuickStatements", "quick_autocommit", "quick_insert", "quick_reads", "quick_write"]
+__all__ = [
+    "QuickRows",
+    "QuickStatements",
+    "names_every_column",
+    "quick_autocommit",
+    "quick_insert",
+    "quick_reads",
+    "quick_write",
+]
 
 
 class _Compiled:
@@ -213,12 +221,18 @@ def quick_insert(session: Session, statement: Insert, parameters: Mapping[str, A
     Otherwise it goes through the session: the models' Python defaults are applied by a Connection, and
     PostgreSQL's dialect sends a transaction's BEGIN and savepoints with its next statement (``pg_piggyback``)."""
     connection = session.connection()
-    if connection.dialect.name != "sqlite" or not parameters.keys() >= _column_keys(statement.table):
+    if connection.dialect.name != "sqlite" or not names_every_column(statement, parameters):
         session.execute(statement, parameters)
         return
     if session.autoflush:
         session.flush()
     QuickStatements(connection.dialect, connection.connection).execute(statement, parameters)
+
+
+def names_every_column(statement: Insert, parameters: Mapping[str, Any]) -> bool:
+    """Do ``parameters`` give every column of the insert's table? Only then is an insert whole without the models'
+    Python defaults, which a Connection applies and a statement run otherwise does not."""
+    return parameters.keys() >= _column_keys(statement.table)
 
 
 @functools.cache
