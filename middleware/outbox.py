@@ -38,7 +38,7 @@ from .heartbeat import Heartbeat
 from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release, sent_claim
 from .progress import Outgoing, enqueue_all
 from .sent_rows import sent_rows
-from .throttle import Guard, Throttle, ThrottleScope, find_throttle
+from .throttle import Admission, Guard, Throttle, ThrottleScope, find_throttle
 
 __all__ = ["OutboxRelay", "deliver", "pending", "relay", "send_committed", "stage"]
 
@@ -208,9 +208,21 @@ def _admit_and_send(
     and a granted operation's steps are stored in the same round trip. The throttle keeps the steps
     from then on (it sends them when a parked operation's turn comes, and sends a granted operation's again if
     none has started within the hand-off timeout), so the row is done even if this process dies before its
-    send."""
+    send. On that broker it returns once the round trip is sent, True, its answer read later (``admit_ahead``):
+    a row the relay had claimed, or a failure, is then logged as the synchronous send would, not returned."""
     guard = Guard(*sent_claim(row_id))
+
+    def answered(admission: Admission | Exception) -> None:
+        if isinstance(admission, Exception):
+            _not_sent_yet(row_id, operation_id, admission)
+        elif admission.status != "guarded":  # guarded: another sender (the relay) has it
+            sent_rows.add(row_id)
+
     try:
+        # Without waiting for Redis's answer where the steps go with the admission: the row is done either way
+        # (claimed and sent, or left to the relay), and the answer only says which.
+        if throttle.admit_ahead(broker, operation_id, list(scopes), list(outgoing), guard=guard, answer=answered):
+            return True
         admission = throttle.admit(broker, operation_id, list(scopes), list(outgoing), guard=guard, send=True)
     except Exception as error:
         _not_sent_yet(row_id, operation_id, error)

@@ -21,6 +21,7 @@ from sqlalchemy import delete
 
 from resources.db import session_scope
 from resources.models import OutboxMessage
+from resources.redis_client import settle_replies
 
 from .outbox_claims import forget
 
@@ -64,8 +65,10 @@ class SentRows:
         self._reset()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every row added so far is deleted (or its delete failed); False on timeout."""
+        """Wait until every row added so far is deleted (or its delete failed); False on timeout. Rows whose
+        send's answer was still unread (``ThreadConnections.send_ahead``) are added first."""
         deadline = time.monotonic() + timeout_s
+        settle_replies()
         with self._changed:
             self._flushing += 1
             self._changed.notify_all()

@@ -6,7 +6,8 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,18 @@ except ImportError:  # redis-py without its hiredis extra: its own packer then
     _hiredis_pack = None
 
 from .config import get_settings
+from .replies_later import Line, Replies, Settler, read_replies, run_callbacks
 
-__all__ = ["RoundTripScript", "ScriptCall", "ThreadConnections", "get_redis", "pipelined", "run_calls", "run_script"]
+__all__ = [
+    "RoundTripScript",
+    "ScriptCall",
+    "ThreadConnections",
+    "get_redis",
+    "pipelined",
+    "run_calls",
+    "run_script",
+    "settle_replies",
+]
 
 
 #: A thread's connection unused for this long is checked before its next command, as redis-py's pool checks
@@ -28,9 +39,12 @@ __all__ = ["RoundTripScript", "ScriptCall", "ThreadConnections", "get_redis", "p
 CHECK_IDLE_AFTER_S = 0.1
 
 
+#: Every ThreadConnections of this process, for ``settle_replies``.
+_clients: weakref.WeakSet[ThreadConnections] = weakref.WeakSet()
+
+
 class _Own(threading.local):
-    client: redis.Redis | None = None
-    last_used: float = 0.0
+    line: Line | None = None
 
 
 class ThreadConnections(redis.Redis):
@@ -41,30 +55,49 @@ class ThreadConnections(redis.Redis):
     trips of an operation. Here each thread keeps one connection of ``pool`` (redis-py's single-connection
     client), given back to the pool when the thread ends, and probed only after it sat unused (see
     ``CHECK_IDLE_AFTER_S``). Scripts, pipelines and everything else built on this client work as on any other.
+    ``send_ahead`` sends commands without waiting for their replies (see ``resources.replies_later``).
     """
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
         super().__init__(connection_pool=pool)
         self._own = _Own()
+        self._settler = Settler()
+        _clients.add(self)
         # A child process starts afresh: a connection of the parent's must not be shared with it.
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._own = _Own()
+        self._settler = Settler()
 
-    def _thread_client(self) -> redis.Redis:
-        own = self._own
-        client = own.client
-        if client is None:
-            client = own.client = redis.Redis(connection_pool=self.connection_pool, single_connection_client=True)
+    def _line(self, *, settle: bool = True) -> Line:
+        """This thread's line; with ``settle``, its owed replies read (and their callbacks run) first."""
+        line = self._own.line
+        if line is None:
+            line = self._own.line = Line(
+                redis.Redis(connection_pool=self.connection_pool, single_connection_client=True)
+            )
+        elif settle and line.owed:
+            with line.lock:
+                done = line.read_owed()
+            run_callbacks(done)
+        return line
+
+    @staticmethod
+    def _connection(line: Line) -> Any:
+        """Under ``line.lock``: its connection, checked when it sat unused. Not while replies are owed on it: they
+        would make it look closed."""
         now = time.monotonic()
-        if now - own.last_used >= CHECK_IDLE_AFTER_S:
-            _reconnect_if_closed(client.connection)
-        own.last_used = now
-        return client
+        if not line.owed and now - line.last_used >= CHECK_IDLE_AFTER_S:
+            _reconnect_if_closed(line.client.connection)
+        line.last_used = now
+        return line.client.connection
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        return self._thread_client().execute_command(*args, **options)
+        line = self._line()
+        with line.lock:
+            self._connection(line)
+            return line.client.execute_command(*args, **options)
 
     def round_trip(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """``commands`` sent together on this thread's connection; their replies in order, an error reply as its
@@ -73,22 +106,46 @@ class ThreadConnections(redis.Redis):
         records: several hundred function calls for three commands) and without response callbacks, which the
         commands it is for (EVALSHA, DEL) have none of. A lost connection is reconnected and the commands sent
         again, under the connection's retry policy, as a pipeline does."""
-        connection = self._thread_client().connection
-        assert connection is not None  # a single-connection client keeps one from its construction
+        line = self._line()
+        with line.lock:
+            connection = self._connection(line)
+            packed = _packed(connection, commands)
 
-        packed = _packed(connection, commands)
+            def send_and_read() -> list[Any]:
+                connection.send_packed_command(packed)
+                return read_replies(connection, len(commands))
 
-        def send_and_read() -> list[Any]:
-            connection.send_packed_command(packed)
-            replies: list[Any] = []
-            for _command in commands:
-                try:
-                    replies.append(connection.read_response())
-                except redis.ResponseError as error:
-                    replies.append(error)
-            return replies
+            return connection.retry.call_with_retry(send_and_read, lambda _error: connection.disconnect())
 
-        return connection.retry.call_with_retry(send_and_read, lambda _error: connection.disconnect())
+    def send_ahead(self, commands: Sequence[Sequence[Any]], then: Callable[[Replies], None]) -> None:
+        """Send ``commands`` as ``round_trip`` does, without waiting for their replies: ``then`` gets them (or the
+        error that lost them) once they are read, before this thread's next command on this client or, if it makes
+        none within ``replies_later.SETTLE_AFTER_S``, in the client's settler thread. A send that fails raises here,
+        as ``round_trip`` would. Replies owed already stay owed: a burst of sends waits for none of them."""
+        line = self._line(settle=False)
+        with line.lock:
+            connection = self._connection(line)
+            packed = _packed(connection, commands)
+            # No health check (a PING, its reply read) while replies are owed: it would read one of theirs.
+            check_health = not line.owed
+            connection.retry.call_with_retry(
+                lambda: connection.send_packed_command(packed, check_health=check_health),
+                lambda _error: connection.disconnect(),
+            )
+            line.owe(len(commands), then)
+            self._settler.watch(line)
+
+    def settle(self) -> None:
+        """Read every reply owed on this client's connections, whichever thread sent the commands, and run their
+        callbacks now."""
+        self._settler.settle_all()  # every line owing replies is watched, this thread's too
+
+
+def settle_replies() -> None:
+    """Read the replies owed on every ``ThreadConnections`` of this process and run their callbacks now (see
+    ``ThreadConnections.send_ahead``): whatever they do is done when this returns."""
+    for client in list(_clients):
+        client.settle()
 
 
 def _reconnect_if_closed(connection: Any) -> None:

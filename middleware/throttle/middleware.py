@@ -143,6 +143,47 @@ class Throttle(Middleware):
         if defer is not None and admission.status == "granted":
             # Every message went through the broker's enqueue above; its stores, if any, ran with the grant.
             admission = dataclasses.replace(admission, sent=True)
+        return self._admitted(broker, operation_id, scopes, admission)
+
+    def admit_ahead(
+        self,
+        broker: dramatiq.Broker,
+        operation_id: str,
+        scopes: list[ThrottleScope],
+        outgoing: list[Outgoing],
+        *,
+        guard: Guard,
+        answer: Callable[[Admission | Exception], None],
+    ) -> bool:
+        """``admit(…, guard=guard, send=True)`` without waiting for Redis's answer, which ``answer`` gets once it
+        is read (``ThrottleStore.acquire_ahead``): the admission, a granted operation's first steps with it, or the
+        error that kept it from being made. Returns False, having done nothing, where the first steps cannot go
+        in the admission's round trip (another broker or server): ``admit`` then. A failed send raises here."""
+        defer = _deferring(broker, self.store.client)
+        if defer is None:
+            return False
+        with defer() as deferred:
+            enqueue_all(broker, outgoing)
+
+        def admitted(admission: Admission | Exception) -> None:
+            if not isinstance(admission, Exception):
+                admission = self._admitted(broker, operation_id, scopes, admission)
+            answer(admission)
+
+        self.store.acquire_ahead(
+            operation_id,
+            scopes,
+            messages=[(item.delay or 0, _encoded(item.message)) for item in outgoing],
+            guard=guard,
+            then=deferred,
+            answer=admitted,
+        )
+        return True
+
+    def _admitted(
+        self, broker: dramatiq.Broker, operation_id: str, scopes: Sequence[ThrottleScope], admission: Admission
+    ) -> Admission:
+        """What every admission is followed by: the hand-offs it made sent, a parked operation logged."""
         self.send(broker, admission.handoffs)
         if admission.status == "parked":
             logger.info("operation %s waits for a slot in %s", operation_id, ", ".join(s.key for s in scopes))

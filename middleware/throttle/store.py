@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources as package_files
@@ -18,7 +18,8 @@ from uuid import uuid4
 import redis
 from redis.commands.core import Script
 
-from resources.redis_client import ScriptCall, pipelined, run_script
+from resources.redis_client import ScriptCall, ThreadConnections, pipelined, run_script
+from resources.replies_later import Replies
 
 from .scopes import ThrottleScope
 
@@ -190,8 +191,32 @@ class ThrottleStore:
         ``then`` (with ``start=False``): calls to make in the same round trip, which take effect only if the
         operation is granted (the send of its first steps); the admission says ``sent`` when they did.
         """
+        args = self._acquire_args(
+            now_ms,
+            operation_id,
+            scopes,
+            start=start,
+            messages=messages,
+            limits_are_current=limits_are_current,
+            guard=guard,
+        )
+        if then and not start:
+            return self._acquire_then(args, then)
+        return _admission(json.loads(run_script(self.client, self._scripts["acquire"], args=args)))
+
+    def _acquire_args(
+        self,
+        now_ms: int | None,
+        operation_id: str,
+        scopes: list[ThrottleScope],
+        *,
+        start: bool,
+        messages: Sequence[tuple[int, str]],
+        limits_are_current: bool,
+        guard: Guard | None,
+    ) -> list[Any]:
         guard_args = ["", "", ""] if guard is None else [guard.key, guard.value, guard.ttl_ms]
-        args = self._args(
+        return self._args(
             now_ms,
             operation_id,
             "start" if start else "submit",
@@ -202,31 +227,70 @@ class ThrottleStore:
             json.dumps([[int(d), m] for d, m in messages]),
             *guard_args,
         )
-        if then and not start:
-            return self._acquire_then(args, then)
-        return _admission(json.loads(run_script(self.client, self._scripts["acquire"], args=args)))
 
     def _acquire_then(self, args: list[Any], then: Sequence[GuardedCall]) -> Admission:
         """The admission and the ``then`` calls in one round trip: a grant sets a key of its own, which each call
         checks, and which goes at the end of the round trip. One round trip instead of two for every throttled
         operation's start."""
-        script = self._scripts["acquire"]
-        granted_key = f"{self.prefix}:granting:{uuid4().hex}"
         for _attempt in range(2):
-            # EVALSHA by hand, as in ``release``: a pipeline given script objects first asks whether they are loaded.
-            commands = [
-                ("EVALSHA", script.sha, 0, *args, granted_key),
-                *(
-                    ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.guarded_args(granted_key))
-                    for call in then
-                ),
-                ("DEL", granted_key),
-            ]
-            reply, *outcomes, _deleted = pipelined(self.client, commands)
-            if not isinstance(reply, redis.exceptions.NoScriptError):
-                break
+            admission = self._then_outcome(pipelined(self.client, self._then_commands(args, then)), then)
+            if admission is not None:
+                return admission
             # Not loaded on this server yet (a first call, a restart): nothing ran, so load it and go again.
-            self.client.script_load(script.script)
+            self.client.script_load(self._scripts["acquire"].script)
+        raise redis.exceptions.NoScriptError(f"the throttle's acquire script is still not loaded on {self.client}")
+
+    def acquire_ahead(
+        self,
+        operation_id: str,
+        scopes: list[ThrottleScope],
+        *,
+        messages: list[tuple[int, str]],
+        guard: Guard,
+        then: Sequence[GuardedCall],
+        answer: Callable[[Admission | Exception], None],
+    ) -> None:
+        """``acquire(start=False, messages=…, guard=…, then=…)`` without waiting for Redis to answer: ``answer``
+        gets the admission, or the error that kept it from being made, once the reply is read (see
+        ``ThreadConnections.send_ahead``). On a client that cannot send ahead, it is made at once."""
+        args = self._acquire_args(
+            None, operation_id, scopes, start=False, messages=messages, limits_are_current=True, guard=guard
+        )
+        if not isinstance(self.client, ThreadConnections):
+            answer(self._acquire_then(args, then))
+            return
+
+        def read(replies: Replies) -> None:
+            try:
+                if isinstance(replies, Exception):
+                    raise replies
+                # None: the script was not loaded (a restart), so nothing ran; made again, waiting this time.
+                admission = self._then_outcome(replies, then) or self._acquire_then(args, then)
+            except Exception as error:
+                answer(error)
+                return
+            answer(admission)
+
+        self.client.send_ahead(self._then_commands(args, then), read)
+
+    def _then_commands(self, args: list[Any], then: Sequence[GuardedCall]) -> list[tuple[Any, ...]]:
+        granted_key = f"{self.prefix}:granting:{uuid4().hex}"
+        # EVALSHA by hand, as in ``release``: a pipeline given script objects first asks whether they are loaded.
+        return [
+            ("EVALSHA", self._scripts["acquire"].sha, 0, *args, granted_key),
+            *(
+                ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.guarded_args(granted_key))
+                for call in then
+            ),
+            ("DEL", granted_key),
+        ]
+
+    @staticmethod
+    def _then_outcome(replies: list[Any], then: Sequence[GuardedCall]) -> Admission | None:
+        """The admission the replies of ``_then_commands`` say; None when the acquire script was not loaded."""
+        reply, *outcomes, _deleted = replies
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return None
         if isinstance(reply, Exception):
             raise reply
         admission = _admission(json.loads(reply))

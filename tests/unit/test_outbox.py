@@ -28,7 +28,7 @@ from resources.backends import SimulatedConfig
 from resources.config import get_settings
 from resources.db import get_engine, session_scope
 from resources.models import Instance, Operation, OperationStatus, OutboxMessage, new_uuid, utcnow
-from resources.redis_client import get_redis
+from resources.redis_client import get_redis, settle_replies
 from resources.states import State
 from scheduler.janitor import is_alive
 from tests.fixtures import drain, make_instance, make_tenant, wait_for
@@ -418,3 +418,77 @@ def test_an_insert_that_leaves_a_column_to_its_default_is_made_apart_from_the_ou
     with session_scope() as session:
         operation = session.get(Operation, operation_id)
         assert (operation.failed_step, operation.error_message, operation.created_at is not None) == ("", "", True)
+
+
+# -- on the project's Redis broker: the admission's answer is read later -------------------------------------
+
+
+def redis_queued(broker: Any) -> int:
+    return broker.client.llen(f"{broker.namespace}:default")
+
+
+@pytest.fixture
+def answers_read_later(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The settler leaves owed replies alone; the rows ``sent_rows`` is given, in order."""
+    import resources.replies_later
+
+    monkeypatch.setattr(resources.replies_later, "SETTLE_AFTER_S", 600.0)
+    added: list[str] = []
+    monkeypatch.setattr(sent_rows, "add", added.append)
+    return added
+
+
+def test_execute_returns_before_the_admissions_answer_which_is_read_later(redis_broker, cloud, answers_read_later):
+    # Given a throttled operation on the project's Redis broker
+    instance = make_instance(make_tenant(), volumes=0)
+
+    # When a service executes it
+    handle = InstanceCreateExecutor.execute(instance)
+    [row_id] = row_ids()
+
+    # Then execute() returned without reading Redis's answer: the row is not known to be sent yet
+    assert answers_read_later == []
+
+    # When the answer is read, it says the operation was admitted and its first step sent, once, with the admission
+    settle_replies()
+    assert answers_read_later == [row_id]
+    assert redis_queued(redis_broker) == 1
+    assert find_throttle(redis_broker).store.state_of(handle.id) == "granted"
+    assert get_redis().get(claim_key(row_id)) == "sent"
+
+
+def test_a_row_the_relay_claimed_before_the_late_read_answer_is_left_to_the_relay(redis_broker, answers_read_later):
+    # Given a throttled operation's committed row, claimed by the relay while its committing process stalled
+    scope = ThrottleScope(f"test:{new_uuid()}", 2)
+    outgoing = [Outgoing(Message("default", "x", (0,), {}, {}))]
+    with session_scope() as session:
+        row_id = stage(session, "op-stalled", outgoing, throttle_scopes=[scope])
+    assert row_id is not None
+    assert claim(row_id, new_token()) is Claim.TAKEN
+
+    # When the committing process goes on and its answer is read
+    assert send_committed(redis_broker, row_id, "op-stalled", outgoing, throttle_scopes=[scope]) is True
+    settle_replies()
+
+    # Then it neither sent nor touched the throttle, and left the row to the relay
+    assert answers_read_later == []
+    assert redis_queued(redis_broker) == 0
+    assert find_throttle(redis_broker).store.state_of("op-stalled") is None
+
+
+def test_an_admission_sent_ahead_to_a_server_that_lost_its_scripts_is_made_again_when_its_answer_is_read(
+    redis_broker, cloud, answers_read_later
+):
+    # Given a server that lost every script (a restart)
+    instance = make_instance(make_tenant(), volumes=0)
+    get_redis().script_flush()
+
+    # When a service executes a throttled operation and the answer is read
+    handle = InstanceCreateExecutor.execute(instance)
+    [row_id] = row_ids()
+    settle_replies()
+
+    # Then the admission was made again, the scripts loaded: admitted, its first step sent once, its row done
+    assert answers_read_later == [row_id]
+    assert redis_queued(redis_broker) == 1
+    assert find_throttle(redis_broker).store.state_of(handle.id) == "granted"
