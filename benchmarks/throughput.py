@@ -395,11 +395,16 @@ class PlainDramatiq(Variant):
         return f"{self.namespace}:done:{label}"
 
     def enqueue(self, prepared: int, counter: str) -> None:
+        self.send_pipelines(prepared, counter)
+
+    @staticmethod
+    def send_pipelines(count: int, counter: str) -> None:
+        """``count`` pipelines of ``STEPS`` no-op steps, the last one adding one to ``counter``."""
         from dramatiq import pipeline
 
         from benchmarks.noop_plain import broker, plain_step
 
-        for _ in range(prepared):
+        for _ in range(count):
             # pipe_ignore: each step is called without its predecessor's result, as a chain of .si() is.
             messages = [plain_step.message_with_options(pipe_ignore=True) for _ in range(STEPS - 1)]
             messages.append(plain_step.message_with_options(args=(counter,), pipe_ignore=True))
