@@ -33,10 +33,12 @@ from resources.db import read_scope, session_scope
 from resources.metrics import outbox_relayed
 from resources.models import OutboxMessage, new_uuid, utcnow
 from resources.quick_statements import names_every_column, quick_insert
+from resources.redis_client import ThreadConnections, get_redis
 
+from .claimed_send import ClaimedSend, load_scripts, send_claimed
 from .heartbeat import Heartbeat
 from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release, sent_claim
-from .progress import Outgoing, enqueue_all
+from .progress import Outgoing, deferring, enqueue_all
 from .sent_rows import sent_rows
 from .throttle import Admission, Guard, Throttle, ThrottleScope, find_throttle
 
@@ -175,7 +177,10 @@ def send_committed(
     scopes (what ``stage`` was given), without opening a transaction: claim the row, send, mark it sent,
     and leave the row to be deleted in a batch (for a throttled operation, see ``_admit_and_send``). Returns
     False when nothing was sent here: the relay had claimed the row (this process stalled past the grace
-    period), or the send failed, which is logged, not raised, and leaves the row to the relay."""
+    period), or the send failed, which is logged, not raised, and leaves the row to the relay. On the project's
+    Redis broker the claim, the send and the mark go in one round trip whose answer is read later
+    (``_send_ahead``, ``_admit_and_send``): it returns True once that is sent, and a row the relay had claimed
+    is left to it when the answer is read."""
     if row_id is None:
         return False
     throttle = find_throttle(broker)
@@ -185,6 +190,11 @@ def send_committed(
     def send() -> None:
         _send(broker, operation_id, outgoing, throttle_scopes, release_throttle=False)
 
+    sent_ahead = _send_ahead(broker, row_id, operation_id, outgoing, send) if outgoing else None
+    return _send_now(row_id, operation_id, send) if sent_ahead is None else sent_ahead
+
+
+def _send_now(row_id: str, operation_id: str, send: Callable[[], None]) -> bool:
     try:
         if _claim_and_send(row_id, send) is not Claim.TAKEN:
             return False
@@ -192,6 +202,37 @@ def send_committed(
         _not_sent_yet(row_id, operation_id, error)
         return False
     sent_rows.add(row_id)
+    return True
+
+
+def _send_ahead(
+    broker: dramatiq.Broker, row_id: str, operation_id: str, outgoing: Sequence[Outgoing], send: Callable[[], None]
+) -> bool | None:
+    """``send_committed`` for an operation the throttle does not hold, in one round trip not waited for
+    (``claimed_send``), where the broker stores its messages on the claims' Redis server: True once sent, False
+    when the send failed (logged; the row is left to the relay, as the usual way leaves it). None, having done
+    nothing, elsewhere: the caller sends the usual way."""
+    client = get_redis()
+    defer = deferring(broker, client)
+    if defer is None or not isinstance(client, ThreadConnections):
+        return None
+    with defer() as stores:
+        enqueue_all(broker, outgoing)
+
+    def answered(outcome: ClaimedSend) -> None:
+        if outcome is None:  # the server had lost the scripts, and nothing was done: the usual way, then load them
+            if _send_now(row_id, operation_id, send):
+                load_scripts(client)
+        elif isinstance(outcome, Exception):
+            _not_sent_yet(row_id, operation_id, outcome)
+        elif outcome:
+            sent_rows.add(row_id)
+
+    try:
+        send_claimed(client, row_id, new_token(), stores, answered)
+    except Exception as error:
+        _not_sent_yet(row_id, operation_id, error)
+        return False
     return True
 
 

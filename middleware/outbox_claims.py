@@ -27,6 +27,7 @@ __all__ = [
     "Claim",
     "claim",
     "claim_key",
+    "claiming_value",
     "forget",
     "mark_sent",
     "new_token",
@@ -72,10 +73,16 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
+def claiming_value(token: str) -> str:
+    """A row's claim as it stands while the sender named ``token`` sends it (for a sender that takes it inside a
+    script of its own)."""
+    return _SENDING + token
+
+
 def claim(row_id: str, token: str) -> Claim:
     """Try to become the row's one sender."""
     client = get_redis()
-    if client.set(_key(row_id), _SENDING + token, nx=True, px=CLAIM_TTL_MS):
+    if client.set(_key(row_id), claiming_value(token), nx=True, px=CLAIM_TTL_MS):
         return Claim.TAKEN
     return Claim.SENT if client.get(_key(row_id)) == _SENT else Claim.BUSY
 

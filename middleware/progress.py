@@ -13,7 +13,8 @@ that takes the operation's row lock copies them into the database.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -89,6 +90,15 @@ def outgoing_of(plan: dict, paths: list[str], extra_delay: int | None = None) ->
 def enqueue_all(broker: Broker, outgoing: Iterable[Outgoing]) -> None:
     for item in outgoing:
         broker.enqueue(item.message, delay=item.delay)
+
+
+def deferring(broker: Broker, client: Any) -> Callable[[], AbstractContextManager[list[Any]]] | None:
+    """The broker's ``defer_enqueues`` (the project's Redis broker) when its messages live on ``client``'s Redis
+    server, so that their stores can go in a round trip of ``client``'s; None otherwise (a RabbitMQ broker,
+    another server)."""
+    defer = getattr(broker, "defer_enqueues", None)
+    shares_server = getattr(broker, "shares_server", None)
+    return defer if defer is not None and shares_server is not None and shares_server(client) else None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import dramatiq
@@ -33,7 +32,7 @@ from resources.redis_client import ScriptCall, get_redis
 
 from ..heartbeat import Heartbeat
 from ..plan import OPTION_OPERATION, OPTION_THROTTLE
-from ..progress import Outgoing, enqueue_all
+from ..progress import Outgoing, deferring, enqueue_all
 from ..transient import Unavailable
 from .scopes import ThrottleScope
 from .store import Admission, Guard, GuardedCall, Handoff, ThrottleStore
@@ -57,14 +56,6 @@ def scopes_of(options: dict[str, Any]) -> list[ThrottleScope]:
 
 def find_throttle(broker: dramatiq.Broker) -> Throttle | None:
     return next((m for m in broker.middleware if isinstance(m, Throttle)), None)
-
-
-def _deferring(broker: dramatiq.Broker, client: Any) -> Callable[[], AbstractContextManager[list[Any]]] | None:
-    """The broker's ``defer_enqueues`` when its messages live on ``client``'s Redis server; None otherwise (a
-    RabbitMQ broker, another server)."""
-    defer = getattr(broker, "defer_enqueues", None)
-    shares_server = getattr(broker, "shares_server", None)
-    return defer if defer is not None and shares_server is not None and shares_server(client) else None
 
 
 def _encoded(message: Message[Any]) -> str:
@@ -128,7 +119,7 @@ class Throttle(Middleware):
         send a granted operation's first steps in the round trip of its admission (``sent``). The broker's
         enqueue hooks run before the admission; a parked operation's steps are then not stored."""
         deferred: Sequence[GuardedCall] = ()
-        defer = _deferring(broker, self.store.client) if send else None
+        defer = deferring(broker, self.store.client) if send else None
         if defer is not None:
             with defer() as deferred:
                 enqueue_all(broker, outgoing)
@@ -159,7 +150,7 @@ class Throttle(Middleware):
         is read (``ThrottleStore.acquire_ahead``): the admission, a granted operation's first steps with it, or the
         error that kept it from being made. Returns False, having done nothing, where the first steps cannot go
         in the admission's round trip (another broker or server): ``admit`` then. A failed send raises here."""
-        defer = _deferring(broker, self.store.client)
+        defer = deferring(broker, self.store.client)
         if defer is None:
             return False
         with defer() as deferred:

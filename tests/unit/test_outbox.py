@@ -492,3 +492,82 @@ def test_an_admission_sent_ahead_to_a_server_that_lost_its_scripts_is_made_again
     assert answers_read_later == [row_id]
     assert redis_queued(redis_broker) == 1
     assert find_throttle(redis_broker).store.state_of(handle.id) == "granted"
+
+
+def staged_row(operation_id: str, scopes: list[ThrottleScope] | None = None) -> tuple[str, list[Outgoing]]:
+    outgoing = [Outgoing(Message("default", "x", (0,), {}, {}))]
+    with session_scope() as session:
+        row_id = stage(session, operation_id, outgoing, throttle_scopes=scopes or ())
+    assert row_id is not None
+    return row_id, outgoing
+
+
+def test_an_unthrottled_rows_claim_send_and_mark_go_ahead_and_are_answered_later(redis_broker, answers_read_later):
+    # Given a committed row of an operation the throttle does not hold
+    row_id, outgoing = staged_row("op-free")
+
+    # When its committing process sends it
+    assert send_committed(redis_broker, row_id, "op-free", outgoing) is True
+
+    # Then it did not wait for the answer; once read, the row was claimed, its message stored once, and marked sent
+    assert answers_read_later == []
+    settle_replies()
+    assert answers_read_later == [row_id]
+    assert redis_queued(redis_broker) == 1
+    assert get_redis().get(claim_key(row_id)) == "sent"
+    assert get_redis().keys(f"{get_settings().namespace}:outbox-open:*") == []
+
+
+def test_an_unthrottled_row_the_relay_had_claimed_is_left_to_it(redis_broker, answers_read_later):
+    # Given a committed row the relay claimed while its committing process stalled
+    row_id, outgoing = staged_row("op-stalled-free")
+    relay_token = new_token()
+    assert claim(row_id, relay_token) is Claim.TAKEN
+
+    # When the committing process goes on and its answer is read
+    assert send_committed(redis_broker, row_id, "op-stalled-free", outgoing) is True
+    settle_replies()
+
+    # Then it stored nothing and left the claim as the relay took it
+    assert answers_read_later == []
+    assert redis_queued(redis_broker) == 0
+    assert get_redis().get(claim_key(row_id)).endswith(relay_token)
+
+
+def test_an_unthrottled_row_sent_to_a_server_that_lost_its_scripts_is_sent_once_the_usual_way(
+    redis_broker, answers_read_later
+):
+    # Given a server that lost every script (a restart)
+    get_redis().script_flush()
+
+    # When a committed row is sent and its answer read
+    row_id, outgoing = staged_row("op-lost-scripts")
+    send_committed(redis_broker, row_id, "op-lost-scripts", outgoing)
+    settle_replies()
+
+    # Then it was sent the usual way, once, and the next row goes ahead again, the scripts loaded
+    assert answers_read_later == [row_id]
+    assert redis_queued(redis_broker) == 1
+    assert get_redis().get(claim_key(row_id)) == "sent"
+    next_id, next_outgoing = staged_row("op-after")
+    send_committed(redis_broker, next_id, "op-after", next_outgoing)
+    settle_replies()
+    assert answers_read_later == [row_id, next_id]
+    assert redis_queued(redis_broker) == 2
+
+
+def test_an_unthrottled_rows_store_that_fails_frees_its_claim_for_the_relay(redis_broker, answers_read_later, caplog):
+    # Given a queue whose key Redis cannot push to (a string where the list goes)
+    queue_key = f"{redis_broker.namespace}:default"
+    redis_broker.client.set(queue_key, "not a list")
+    row_id, outgoing = staged_row("op-refused")
+
+    # When the row is sent and the answer read
+    send_committed(redis_broker, row_id, "op-refused", outgoing)
+    settle_replies()
+
+    # Then the row is not taken for sent: its claim is gone, so the relay sends it, and the failure was logged
+    assert answers_read_later == []
+    assert get_redis().get(claim_key(row_id)) is None
+    assert f"outbox row {row_id}" in caplog.text and "not sent yet" in caplog.text
+    redis_broker.client.delete(queue_key)
