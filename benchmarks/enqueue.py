@@ -43,7 +43,11 @@ from .throughput import (
     throwaway_postgres,
 )
 
-__all__ = ["Cost", "Options", "build_result", "main", "parse_options", "run"]
+__all__ = ["VARIANTS", "Cost", "Options", "build_result", "main", "parse_options", "run"]
+
+#: Plain Dramatiq's pipelines, the executor holding a throttle slot (as the throughput benchmark's does), and the
+#: same executor holding none: the two ways ``execute()`` sends its first steps.
+VARIANTS = ("plain_dramatiq", "executors", "executors_unthrottled")
 
 console = Console(stderr=True)
 
@@ -80,7 +84,8 @@ def _median(values: Sequence[float]) -> float:
 
 
 def build_result(options: Options, costs: dict[str, list[Cost]], *, database_url: str) -> dict[str, Any]:
-    """The JSON object: per variant, the median round's milliseconds per operation, and the ratios."""
+    """The JSON object: per variant, the median round's milliseconds per operation, and each executor's ratio to
+    plain Dramatiq's pipelines."""
     figures = {
         name: {
             "wall_ms_per_op": _median([cost.wall_ms_per_op for cost in rounds]),
@@ -89,13 +94,18 @@ def build_result(options: Options, costs: dict[str, list[Cost]], *, database_url
         }
         for name, rounds in costs.items()
     }
-    plain, executors = figures["plain_dramatiq"], figures["executors"]
+    plain = figures["plain_dramatiq"]
     return {
-        "executors_wall_ms_per_op": executors["wall_ms_per_op"],
-        "executors_cpu_ms_per_op": executors["cpu_ms_per_op"],
-        "plain_dramatiq_wall_ms_per_op": plain["wall_ms_per_op"],
-        "plain_dramatiq_cpu_ms_per_op": plain["cpu_ms_per_op"],
-        "wall_ratio_to_plain": round(executors["wall_ms_per_op"] / plain["wall_ms_per_op"], 3),
+        **{
+            f"{name}_{figure}": figures[name][figure]
+            for name in costs
+            for figure in ("wall_ms_per_op", "cpu_ms_per_op")
+        },
+        **{
+            f"{name}_wall_ratio_to_plain": round(figures[name]["wall_ms_per_op"] / plain["wall_ms_per_op"], 3)
+            for name in costs
+            if name != "plain_dramatiq"
+        },
         "database": options.database,
         "database_url": database_url,
         "operations": options.operations,
@@ -121,7 +131,7 @@ def run(options: Options) -> dict[str, Any]:
             os.environ["DATABASE_URL"] = f"sqlite:///{environment.directory / 'bench.sqlite3'}"
         os.environ[PLAIN_NAMESPACE_ENV] = f"{environment.namespace}-plain"
         # Imported only now: they read REDIS_URL, the namespace and the database when they are imported.
-        import benchmarks.noop  # noqa: F401 - the executor's steps, on the project's broker
+        from benchmarks.noop import NoopExecutor, UnthrottledNoopExecutor
         from benchmarks.throughput import Executors, PlainDramatiq
         from middleware.sent_rows import sent_rows
         from resources.db import create_schema
@@ -134,21 +144,24 @@ def run(options: Options) -> dict[str, Any]:
         counter = f"{environment.namespace}:bench:enqueue"
         send_pipelines = PlainDramatiq.send_pipelines
 
-        def executors(count: int, label: str) -> Callable[[], Any]:
+        def executors(count: int, label: str, executor: Any = NoopExecutor) -> Callable[[], Any]:
             ids = create_tenant(environment, label, limit=count + 1, instances=count).instance_ids
-            return lambda: Executors._enqueue(ids, counter)
+            return lambda: Executors._enqueue(ids, counter, executor)
 
         executors(options.warm_up, "warm-up")()
+        executors(options.warm_up, "warm-up-unthrottled", UnthrottledNoopExecutor)()
         send_pipelines(options.warm_up, counter)
-        costs: dict[str, list[Cost]] = {"plain_dramatiq": [], "executors": []}
+        costs: dict[str, list[Cost]] = {name: [] for name in VARIANTS}
         count = options.operations
         for number in range(1, options.rounds + 1):
-            # Alternating, so that a change in the machine's state meets both variants alike.
+            # Alternating, so that a change in the machine's state meets every variant alike.
             costs["plain_dramatiq"].append(_timed(lambda: send_pipelines(count, counter), count))
             costs["executors"].append(_timed(executors(count, f"round-{number}"), count))
+            unthrottled = executors(count, f"round-{number}-unthrottled", UnthrottledNoopExecutor)
+            costs["executors_unthrottled"].append(_timed(unthrottled, count))
             console.print(
-                f"round {number}: executors {costs['executors'][-1].wall_ms_per_op:.3f} ms/op, plain Dramatiq "
-                f"{costs['plain_dramatiq'][-1].wall_ms_per_op:.3f} ms/op"
+                f"round {number}: "
+                + ", ".join(f"{name} {costs[name][-1].wall_ms_per_op:.3f} ms/op" for name in VARIANTS)
             )
         result = build_result(options, costs, database_url=database_url)
         result["machine"] = machine_info(environment.redis)
@@ -162,7 +175,8 @@ def render(result: dict[str, Any], out: Console) -> None:
     for name, figures in result["variants"].items():
         table.add_row(name, f"{figures['wall_ms_per_op']:.3f}", f"{figures['cpu_ms_per_op']:.3f}")
     out.print(table)
-    out.print(f"executors ÷ plain Dramatiq (wall): {result['wall_ratio_to_plain']}")
+    for name in VARIANTS[1:]:
+        out.print(f"{name} ÷ plain Dramatiq (wall): {result[f'{name}_wall_ratio_to_plain']}")
 
 
 def _at_least_one(value: str) -> int:

@@ -30,7 +30,7 @@ from resources.redis_client import get_redis
 
 from .throughput import PROFILE_ENV
 
-__all__ = ["NoopExecutor", "ThreadProfiler", "noop_step", "stamp_step"]
+__all__ = ["NoopExecutor", "ThreadProfiler", "UnthrottledNoopExecutor", "noop_step", "stamp_step"]
 
 
 @dramatiq.actor(queue_name=queues.DEFAULT)
@@ -60,6 +60,14 @@ class NoopExecutor(BaseExecutor):
     def get_task_signature(cls, instance: Resource, serialized_instance: str, **kwargs: Any) -> Signature:
         steps = kwargs["steps"]
         return [*(noop_step.message() for _ in range(steps - 1)), noop_step.message(kwargs["counter"])]
+
+
+class UnthrottledNoopExecutor(NoopExecutor):
+    """The same steps, holding no throttle slot (``benchmarks.enqueue``: the other way ``execute()`` sends)."""
+
+    @classmethod
+    def throttle_scopes(cls, instance: Resource, **kwargs: Any) -> Sequence[ThrottleScope]:
+        return ()
 
 
 class ThreadProfiler(Middleware):

@@ -470,18 +470,19 @@ class Executors(Variant):
                 self.profiler.disable()
 
     @staticmethod
-    def _enqueue(instance_ids: list[int], counter: str) -> list[str]:
+    def _enqueue(instance_ids: list[int], counter: str, executor: Any = None) -> list[str]:
         from benchmarks.noop import NoopExecutor
         from resources.db import session_scope
         from resources.models import Instance
 
+        executor = executor or NoopExecutor
         operation_ids = []
         for instance_id in instance_ids:
             # A transaction per operation, as a service starting one operation per request does; the
             # first step is sent when it commits.
             with session_scope() as session:
                 instance = session.get(Instance, instance_id)
-                operation_ids.append(NoopExecutor.execute(instance, counter=counter, steps=STEPS).id)
+                operation_ids.append(executor.execute(instance, counter=counter, steps=STEPS).id)
         return operation_ids
 
     def finished(self, sent: list[str]) -> bool:

@@ -32,7 +32,7 @@ from resources.config import get_settings
 from resources.db import read_scope, session_scope
 from resources.metrics import outbox_relayed
 from resources.models import OutboxMessage, new_uuid, utcnow
-from resources.quick_statements import names_every_column, quick_insert
+from resources.quick_statements import insert_with_next_statement, names_every_column, quick_insert
 from resources.redis_client import ThreadConnections, get_redis
 
 from .claimed_send import ClaimedSend, load_scripts, send_claimed
@@ -100,11 +100,14 @@ def _with_row(statement: Insert) -> Insert:
 
 def _insert_with(session: Session, along: tuple[Insert, dict[str, Any]], row: dict[str, Any]) -> None:
     """The insert ``along`` and the outbox ``row``: on PostgreSQL one statement (the row a data-modifying WITH
-    query of the other insert), one database round trip instead of two. Elsewhere, or when ``along``'s
+    query of the other insert), which the project's dialect sends with the transaction's next statement, usually
+    its COMMIT (``insert_with_next_statement``): no round trip of its own. Elsewhere, or when ``along``'s
     parameters leave a column to its Python default (which the WITH form would not apply), two statements."""
     statement, parameters = along
     if session.get_bind().dialect.name == "postgresql" and names_every_column(statement, parameters):
-        session.execute(_with_row(statement), {**parameters, **{_ROW_PARAMETER.format(k): v for k, v in row.items()}})
+        both = _with_row(statement), {**parameters, **{_ROW_PARAMETER.format(k): v for k, v in row.items()}}
+        if not insert_with_next_statement(session, *both):
+            session.execute(*both)
         return
     quick_insert(session, statement, parameters)
     quick_insert(session, _INSERT_ROW, row)

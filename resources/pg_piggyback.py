@@ -1,5 +1,5 @@
 """PostgreSQL through psycopg with fewer round trips: BEGIN, SAVEPOINT and RELEASE SAVEPOINT wait, and go out
-with the next statement in one round trip (psycopg's pipeline mode).
+with the next statement in one round trip (psycopg's pipeline mode); so may a write that nothing reads back.
 
 psycopg sends a transaction's BEGIN on its own, before the first statement, and SQLAlchemy sends every SAVEPOINT
 and RELEASE SAVEPOINT on its own: round trips whose answers nothing needs. A service's ``execute()`` paid six
@@ -17,6 +17,9 @@ keeps the statements a transaction owes the server until the next statement need
 - ``RELEASE SAVEPOINT`` waits for the next statement, and is dropped by a COMMIT or ROLLBACK, which ends every
   savepoint anyway.
 - ``ROLLBACK TO SAVEPOINT`` (an error path) goes at once: the transaction may be in its failed state.
+- A write nothing reads back may be owed too (``defer_write``: ``execute()``'s record of an operation): it goes
+  with the next statement, or with the COMMIT, whose round trip it then shares. A rollback drops it, as it
+  would undo it; its error is the error of the statement or the commit it went with.
 
 A statement that fails fails as before: the server ran what went ahead of it, and the transaction is then in
 its failed state until a rollback. These statements skip SQLAlchemy's cursor events and echo.
@@ -34,7 +37,7 @@ from sqlalchemy import Connection
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-__all__ = ["DRIVER", "PiggybackDialect", "register"]
+__all__ = ["DRIVER", "PiggybackDialect", "defer_write", "register"]
 
 #: The dialect's name in SQLAlchemy URLs: ``postgresql+<DRIVER>://``.
 DRIVER = "psycopg_piggyback"
@@ -53,7 +56,8 @@ class _Control:
         self.isolation_level: str | None = None  # None: the server's default
         self.read_only: bool | None = None
         self.deferrable: bool | None = None
-        self.owed: list[bytes] = []
+        #: Statements owed, in order: plain SQL, or (SQL, parameters) of a write deferred to the next statement.
+        self.owed: list[bytes | tuple[str, Any]] = []
 
     def begin(self) -> bytes:
         parts = ["BEGIN"]
@@ -140,8 +144,22 @@ class PiggybackDialect(PGDialect_psycopg):
             control.owed = [control.begin()]
 
     def do_commit(self, dbapi_connection: Any) -> None:
-        _control(dbapi_connection).owed.clear()  # an unsent BEGIN began nothing; COMMIT releases every savepoint
-        _driver_connection(dbapi_connection).commit()  # sends COMMIT only if the server has a transaction open
+        control = _control(dbapi_connection)
+        owed, control.owed = control.owed, []
+        driver = _driver_connection(dbapi_connection)
+        if any(isinstance(item, tuple) for item in owed):
+            # A deferred write goes now, with the BEGIN it may owe and the COMMIT, in one round trip (the savepoints
+            # still owed change nothing that the COMMIT does not end); its error is the commit's, and leaves the
+            # transaction failed, for the rollback that follows.
+            with driver.pipeline():
+                helper = driver.cursor()
+                for item in owed:
+                    if isinstance(item, tuple) or item.startswith(b"BEGIN"):
+                        _execute(helper, item)
+                helper.execute(b"COMMIT")
+            return
+        # Otherwise an unsent BEGIN began nothing, and COMMIT releases every savepoint.
+        driver.commit()  # sends COMMIT only if the server has a transaction open
 
     def do_rollback(self, dbapi_connection: Any) -> None:
         _control(dbapi_connection).owed.clear()
@@ -152,7 +170,7 @@ class PiggybackDialect(PGDialect_psycopg):
 
     def do_release_savepoint(self, connection: Any, name: str) -> None:
         control = _control(connection)
-        if not _forget_unsent(control, b"SAVEPOINT " + self._savepoint_name(name)):
+        if not _forget_unsent(control, b"SAVEPOINT " + self._savepoint_name(name), keep_writes=True):
             control.owed.append(b"RELEASE SAVEPOINT " + self._savepoint_name(name))
 
     def do_rollback_to_savepoint(self, connection: Any, name: str) -> None:
@@ -177,13 +195,15 @@ class PiggybackDialect(PGDialect_psycopg):
         cursor.executemany(statement, parameters)
 
 
-def _forget_unsent(control: _Control, savepoint: bytes) -> bool:
-    """Drop ``savepoint`` and what came after it if it was never sent: nothing ran inside it. False if it was sent."""
+def _forget_unsent(control: _Control, savepoint: bytes, *, keep_writes: bool = False) -> bool:
+    """Drop ``savepoint`` and what came after it if it was never sent: nothing ran inside it on the server. With
+    ``keep_writes`` (a release, which keeps them), the deferred writes after it stay owed. False if it was sent."""
     try:
         index = control.owed.index(savepoint)
     except ValueError:
         return False
-    del control.owed[index:]
+    kept = [item for item in control.owed[index + 1 :] if isinstance(item, tuple)] if keep_writes else []
+    control.owed[index:] = kept
     return True
 
 
@@ -207,10 +227,24 @@ def _send_owed(connection: Any, then: Any = None) -> None:
     owed, control.owed = control.owed, []
     with connection.pipeline():
         helper = connection.cursor()
-        for sql in owed:
-            helper.execute(sql)
+        for item in owed:
+            _execute(helper, item)
         if then is not None:
             then()
+
+
+def _execute(cursor: Any, item: bytes | tuple[str, Any]) -> None:
+    if isinstance(item, tuple):
+        cursor.execute(*item)
+    else:
+        cursor.execute(item)
+
+
+def defer_write(connection: Any, sql: str, parameters: Any) -> None:
+    """Owe the server ``sql`` (a write nothing reads the result of) in the transaction open on ``connection``: it
+    goes with the transaction's next statement, in its round trip, or with its COMMIT. A rollback first drops it,
+    as it would undo it. Its error, if any, is then that statement's or the commit's."""
+    _control(connection).owed.append((sql, parameters))
 
 
 def register() -> None:

@@ -25,12 +25,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 
+from . import pg_piggyback
 from .db import get_engine, joined_session
 from .sqlite_turns import TurnTakingConnection
 
 __all__ = [
     "QuickRows",
     "QuickStatements",
+    "insert_with_next_statement",
     "names_every_column",
     "quick_autocommit",
     "quick_insert",
@@ -227,6 +229,22 @@ def quick_insert(session: Session, statement: Insert, parameters: Mapping[str, A
     if session.autoflush:
         session.flush()
     QuickStatements(connection.dialect, connection.connection).execute(statement, parameters)
+
+
+def insert_with_next_statement(session: Session, statement: Insert, parameters: Mapping[str, Any]) -> bool:
+    """On PostgreSQL through the project's dialect (``pg_piggyback``), make ``session``'s transaction owe the server
+    this insert, which goes with the transaction's next statement, usually its COMMIT: a round trip less. The
+    insert is whole (``parameters`` name every column) and nothing reads it back before the next statement; its
+    error, if any, is that statement's. After the session's autoflush, so the writes keep their order. False,
+    having done nothing, elsewhere."""
+    connection = session.connection()
+    if connection.dialect.driver != pg_piggyback.DRIVER or not names_every_column(statement, parameters):
+        return False
+    if session.autoflush:
+        session.flush()
+    compiled = _of(statement, connection.dialect, parameters)
+    pg_piggyback.defer_write(connection.connection, compiled.sql, compiled.parameters(parameters))
+    return True
 
 
 def names_every_column(statement: Insert, parameters: Mapping[str, Any]) -> bool:

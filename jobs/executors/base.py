@@ -193,7 +193,9 @@ class BaseExecutor:
 
         Inside a session (the instance is attached to one), ``pre_apply`` and the operation record join
         the caller's transaction and messages are sent only after it commits; nothing is sent on
-        rollback. A detached instance gets a transaction of its own, committed (and sent) at once.
+        rollback. A detached instance gets a transaction of its own, committed (and sent) at once. On
+        PostgreSQL the operation's record goes to the server with the transaction's next statement, usually
+        its commit, so a failure to write it (the server out of disk, say) is raised there.
         ``countdown`` (seconds) delays the first messages; ``is_heavy_task`` sends every message of the
         operation to the heavy queue. ``is_async=False`` runs the steps here and now, inside the caller's
         transaction (so they see its changes, and it decides whether their results are kept), and

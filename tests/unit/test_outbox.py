@@ -4,12 +4,16 @@ down); each row is sent once."""
 
 from __future__ import annotations
 
+import re
+import tempfile
 import threading
 import time
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from dramatiq import Message
@@ -346,42 +350,62 @@ def test_the_janitor_counts_an_operation_waiting_in_the_outbox_as_alive(stub_bro
 
 
 class Inserts:
-    """The INSERT statements (with their WITH queries) the database gets while it listens: on SQLite, from the
-    driver's trace callback (some statements skip SQLAlchemy's events: ``resources.quick_statements``)."""
+    """The INSERT statements (with their WITH queries) the database gets while it listens, from the driver: on
+    SQLite its trace callback, on PostgreSQL libpq's trace of what goes over the wire (some statements skip
+    SQLAlchemy's events: ``resources.quick_statements``, ``resources.pg_piggyback.defer_write``). On PostgreSQL it
+    also tells the round trips apart: each ends with the server's ReadyForQuery."""
 
     def __init__(self) -> None:
         self.statements: list[str] = []
+        #: On PostgreSQL, the statements sent in each round trip.
+        self.round_trips: list[list[str]] = []
         self._sqlite = get_engine().dialect.name == "sqlite"
+        self._trace = tempfile.NamedTemporaryFile(suffix=".trace", delete=False)  # noqa: SIM115
 
     def _seen(self, statement: str) -> None:
         if statement.lstrip().upper().startswith(("INSERT", "WITH")):
             self.statements.append(" ".join(statement.split()))
 
-    def _before_cursor_execute(self, conn: Any, cursor: Any, statement: str, *_rest: Any) -> None:
-        self._seen(statement)
-
     def _on_checkout(self, dbapi_connection: Any, *_rest: Any) -> None:
-        dbapi_connection.set_trace_callback(self._seen)
+        if self._sqlite:
+            dbapi_connection.set_trace_callback(self._seen)
+        else:
+            dbapi_connection.pgconn.trace(self._trace.fileno())
+            dbapi_connection.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
 
     def _on_checkin(self, dbapi_connection: Any, *_rest: Any) -> None:
-        dbapi_connection.set_trace_callback(None)
-
-    def _events(self) -> list[tuple[str, Any]]:
         if self._sqlite:
-            return [("checkout", self._on_checkout), ("checkin", self._on_checkin)]
-        return [("before_cursor_execute", self._before_cursor_execute)]
+            dbapi_connection.set_trace_callback(None)
+        else:
+            dbapi_connection.pgconn.untrace()
 
     def __enter__(self) -> Inserts:
-        for name, listener in self._events():
-            event.listen(get_engine(), name, listener)
+        event.listen(get_engine(), "checkout", self._on_checkout)
+        event.listen(get_engine(), "checkin", self._on_checkin)
         return self
 
     def __exit__(self, *_exc: Any) -> None:
-        for name, listener in self._events():
-            event.remove(get_engine(), name, listener)
+        event.remove(get_engine(), "checkout", self._on_checkout)
+        event.remove(get_engine(), "checkin", self._on_checkin)
+        self._trace.close()
+        # One message per line, but a statement's text may run over several lines.
+        trip: list[str] = []
+        for message in re.split(r"\n(?=[FB]\t)", Path(self._trace.name).read_text()):
+            fields = message.split("\t", 3)
+            if len(fields) < 4:
+                continue
+            direction, _length, kind, text = fields
+            if direction == "F" and kind in ("Parse", "Query"):
+                statement = text.split('"', 3 if kind == "Parse" else 1)[-1].rsplit('"', 1)[0]
+                self._seen(statement)
+                trip.append(statement)
+            elif direction == "B" and kind == "ReadyForQuery":
+                self.round_trips.append(trip)
+                trip = []
+        Path(self._trace.name).unlink()
 
 
-def test_execute_writes_its_operation_and_outbox_row_in_one_statement_on_postgresql(stub_broker):
+def test_execute_writes_its_operation_and_outbox_row_in_one_statement_with_the_commit_on_postgresql(stub_broker):
     # Given an instance, and the database listened to
     instance = make_instance(make_tenant(), volumes=0)
 
@@ -389,11 +413,14 @@ def test_execute_writes_its_operation_and_outbox_row_in_one_statement_on_postgre
     with Inserts() as inserts, session_scope() as session:
         handle = InstanceCreateExecutor.execute(session.get(Instance, instance.id))
 
-    # Then PostgreSQL got one statement for both rows (SQLite, which has no INSERT in WITH, got two)
+    # Then PostgreSQL got one statement for both rows, in the round trip of the commit (SQLite, which has no INSERT in
+    # WITH, got two statements)
     operations = [s for s in inserts.statements if "INTO operations " in s]
     rows = [s for s in inserts.statements if "INTO outbox " in s]
     if get_engine().dialect.name == "postgresql":
         assert operations == rows and len(rows) == 1
+        [with_the_insert] = [trip for trip in inserts.round_trips if any("INTO operations " in s for s in trip)]
+        assert with_the_insert[-1] == "COMMIT"
     else:
         assert len(operations) == len(rows) == 1 and operations != rows
     # ... and both rows are whole

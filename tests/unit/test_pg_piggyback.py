@@ -10,11 +10,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, exc, insert, select, text
+from sqlalchemy import Column, Connection, Engine, Integer, MetaData, Table, create_engine, exc, insert, select, text
 
 from resources.config import normalise_database_url
 from resources.db import _with_piggyback
-from resources.pg_piggyback import PiggybackDialect
+from resources.pg_piggyback import PiggybackDialect, defer_write
 
 _METADATA = MetaData()
 _ROWS = Table("piggyback_rows", _METADATA, Column("id", Integer, primary_key=True))
@@ -164,3 +164,73 @@ def test_executemany_after_a_savepoint(engine: Engine) -> None:
     with engine.begin() as connection, connection.begin_nested():
         connection.execute(insert(_ROWS), [{"id": 1}, {"id": 2}, {"id": 3}])
     assert _ids(engine) == [1, 2, 3]
+
+
+# -- writes deferred to the next statement (defer_write) ------------------------------------------------------
+
+_INSERT_SQL = "INSERT INTO piggyback_rows (id) VALUES (%(id)s)"
+
+
+def _defer(connection: Connection, row_id: int) -> None:
+    defer_write(connection.connection, _INSERT_SQL, {"id": row_id})
+
+
+def test_a_deferred_write_goes_with_the_commit_in_its_round_trip(engine: Engine) -> None:
+    with RoundTrips(engine) as trips, engine.begin() as connection:
+        connection.execute(select(_ROWS.c.id)).all()  # BEGIN goes with it
+        with connection.begin_nested():
+            _defer(connection, 1)
+    assert trips.count() == 2  # the read, then the insert with the COMMIT
+    assert _ids(engine) == [1]
+
+
+def test_a_deferred_write_goes_before_the_next_statement_which_sees_it(engine: Engine) -> None:
+    with RoundTrips(engine) as trips, engine.begin() as connection:
+        _defer(connection, 1)
+        assert connection.scalars(select(_ROWS.c.id)).all() == [1]  # BEGIN, the insert and the read together
+    assert trips.count() == 2
+    assert _ids(engine) == [1]
+
+
+def test_a_deferred_write_in_a_savepoint_rolled_back_is_dropped(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(insert(_ROWS), {"id": 1})
+        savepoint = connection.begin_nested()
+        _defer(connection, 2)
+        savepoint.rollback()  # never sent: dropped
+        with connection.begin_nested():
+            connection.execute(insert(_ROWS), {"id": 3})  # sent, with its SAVEPOINT
+            inner = connection.begin_nested()
+            _defer(connection, 4)
+            inner.rollback()
+    assert _ids(engine) == [1, 3]
+
+
+def test_a_deferred_write_in_a_savepoint_released_before_anything_was_sent_is_kept(engine: Engine) -> None:
+    with engine.begin() as connection:
+        with connection.begin_nested(), connection.begin_nested():
+            _defer(connection, 1)
+        savepoint = connection.begin_nested()
+        _defer(connection, 2)
+        savepoint.rollback()
+    assert _ids(engine) == [1]
+
+
+def test_a_deferred_write_that_fails_fails_the_commit_and_the_connection_is_reused(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(insert(_ROWS), {"id": 1})
+    with pytest.raises(exc.IntegrityError), engine.begin() as connection:
+        connection.execute(insert(_ROWS), {"id": 2})
+        _defer(connection, 1)  # a duplicate key, found at the commit
+    with engine.begin() as connection:  # the pool's one connection, back in a clean state
+        connection.execute(insert(_ROWS), {"id": 3})
+    assert _ids(engine) == [1, 3]  # nothing of the failed transaction
+
+
+def test_a_rollback_drops_a_deferred_write(engine: Engine) -> None:
+    with RoundTrips(engine) as trips, engine.connect() as connection:
+        connection.execute(select(_ROWS.c.id)).all()
+        _defer(connection, 1)
+        connection.rollback()
+    assert trips.count() == 2  # the read, and the ROLLBACK alone
+    assert _ids(engine) == []
