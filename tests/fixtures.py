@@ -13,6 +13,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+import redis
 from dramatiq import Worker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Middleware
@@ -29,7 +30,7 @@ from resources.backends import SimulatedCloud, SimulatedConfig
 from resources.config import get_settings
 from resources.db import create_schema, get_engine, session_scope
 from resources.models import Base, Instance, ServiceSettings, Volume
-from resources.redis_client import get_redis
+from resources.redis_client import ThreadConnections, get_redis
 
 
 class Recorder(Middleware):
@@ -197,6 +198,14 @@ def make_instance(tenant: ServiceSettings, name: str = "vm", volumes: int = 2, u
                 Volume(name=f"{name}-vol{index}", size_gb=10, instance_id=instance.id, service_settings_id=tenant.id)
             )
     return instance
+
+
+@pytest.fixture
+def thread_client() -> Iterator[ThreadConnections]:
+    """A client of the project's kind (a connection per thread) of its own, on the test's Redis."""
+    client = ThreadConnections(redis.ConnectionPool.from_url(os.environ["REDIS_URL"], decode_responses=True))
+    yield client
+    client.connection_pool.disconnect()
 
 
 @pytest.fixture

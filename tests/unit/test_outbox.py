@@ -47,6 +47,14 @@ def queued(broker: Any) -> int:
     return sum(broker.queues[name].qsize() for name in broker.queues)
 
 
+def staged_row(operation_id: str, scopes: list[ThrottleScope] | None = None) -> tuple[str, list[Outgoing]]:
+    outgoing = [Outgoing(Message("default", "x", (0,), {}, {}))]
+    with session_scope() as session:
+        row_id = stage(session, operation_id, outgoing, throttle_scopes=scopes or ())
+    assert row_id is not None
+    return row_id, outgoing
+
+
 def refuse(*_args: Any, **_kwargs: Any) -> None:
     raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
@@ -105,10 +113,7 @@ def test_a_throttled_operations_row_is_marked_sent_by_the_script_that_admits_it(
 def test_a_committing_process_that_finds_the_relay_on_its_throttled_row_sends_nothing(stub_broker, cloud):
     # Given a throttled operation's committed row, claimed by the relay while its committing process stalled
     scope = ThrottleScope(f"test:{new_uuid()}", 2)
-    outgoing = [Outgoing(Message("default", "x", (0,), {}, {}))]
-    with session_scope() as session:
-        row_id = stage(session, "op-stalled", outgoing, throttle_scopes=[scope])
-    assert row_id is not None
+    row_id, outgoing = staged_row("op-stalled", [scope])
     assert claim(row_id, new_token()) is Claim.TAKEN
 
     # When the committing process goes on, it neither sends nor touches the throttle
@@ -487,10 +492,7 @@ def test_execute_returns_before_the_admissions_answer_which_is_read_later(redis_
 def test_a_row_the_relay_claimed_before_the_late_read_answer_is_left_to_the_relay(redis_broker, answers_read_later):
     # Given a throttled operation's committed row, claimed by the relay while its committing process stalled
     scope = ThrottleScope(f"test:{new_uuid()}", 2)
-    outgoing = [Outgoing(Message("default", "x", (0,), {}, {}))]
-    with session_scope() as session:
-        row_id = stage(session, "op-stalled", outgoing, throttle_scopes=[scope])
-    assert row_id is not None
+    row_id, outgoing = staged_row("op-stalled", [scope])
     assert claim(row_id, new_token()) is Claim.TAKEN
 
     # When the committing process goes on and its answer is read
@@ -519,14 +521,6 @@ def test_an_admission_sent_ahead_to_a_server_that_lost_its_scripts_is_made_again
     assert answers_read_later == [row_id]
     assert redis_queued(redis_broker) == 1
     assert find_throttle(redis_broker).store.state_of(handle.id) == "granted"
-
-
-def staged_row(operation_id: str, scopes: list[ThrottleScope] | None = None) -> tuple[str, list[Outgoing]]:
-    outgoing = [Outgoing(Message("default", "x", (0,), {}, {}))]
-    with session_scope() as session:
-        row_id = stage(session, operation_id, outgoing, throttle_scopes=scopes or ())
-    assert row_id is not None
-    return row_id, outgoing
 
 
 def test_an_unthrottled_rows_claim_send_and_mark_go_ahead_and_are_answered_later(redis_broker, answers_read_later):

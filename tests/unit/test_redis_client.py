@@ -15,10 +15,8 @@ from resources.redis_client import ScriptCall, ThreadConnections, get_redis, pip
 
 
 @pytest.fixture
-def client() -> Iterator[ThreadConnections]:
-    client = ThreadConnections(redis.ConnectionPool.from_url(os.environ["REDIS_URL"], decode_responses=True))
-    yield client
-    client.connection_pool.disconnect()
+def client(thread_client: ThreadConnections) -> ThreadConnections:
+    return thread_client
 
 
 @pytest.fixture

@@ -18,10 +18,8 @@ from tests.fixtures import wait_for
 
 
 @pytest.fixture
-def client() -> Iterator[ThreadConnections]:
-    client = ThreadConnections(redis.ConnectionPool.from_url(os.environ["REDIS_URL"], decode_responses=True))
-    yield client
-    client.connection_pool.disconnect()
+def client(thread_client: ThreadConnections) -> ThreadConnections:
+    return thread_client
 
 
 @pytest.fixture
