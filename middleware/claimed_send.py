@@ -76,7 +76,7 @@ def send_claimed(
 
     def read(replies: list | Exception) -> None:
         try:
-            outcome = _outcome(client, row_id, stores, replies)
+            outcome = _outcome(row_id, stores, replies)
         except Exception as error:
             outcome = error
         answer(outcome)
@@ -84,15 +84,13 @@ def send_claimed(
     client.send_ahead(commands, read)
 
 
-def _outcome(
-    client: ThreadConnections, row_id: str, stores: Sequence[GuardedCall], replies: list | Exception
-) -> ClaimedSend:
+def _outcome(row_id: str, stores: Sequence[GuardedCall], replies: list | Exception) -> ClaimedSend:
     if isinstance(replies, Exception):
         return replies
     taken, *stored, marked = replies
     if isinstance(taken, redis.exceptions.NoScriptError):
-        # Nothing ran. Loaded now, after the usual send that follows has loaded the broker's own scripts again: where
-        # these are loaded, so are those.
+        # Nothing ran. The caller sends the usual way, which loads the broker's scripts again, and then loads these:
+        # where these are loaded, so are those.
         return None
     if isinstance(taken, Exception):
         raise taken

@@ -123,6 +123,8 @@ class Settler:
         with self._changed:
             lines = list(self._lines)
         for line in lines:
+            if not line.owed:  # settled by its thread, which may be in a blocking command now, holding the lock
+                continue
             with line.lock:
                 done = line.read_owed()
             run_callbacks(done)
