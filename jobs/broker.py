@@ -32,6 +32,7 @@ from resources.config import get_settings
 from resources.redis_client import ThreadConnections
 
 from . import queues
+from .hook_dispatch import HandlersOnly
 from .redis_broker import BrokerMaintenance, JobsRedisBroker
 
 __all__ = ["broker", "build_broker"]
@@ -42,6 +43,14 @@ MIN_BACKOFF_MS = int(os.environ.get("JOBS_MIN_BACKOFF_MS", "1000"))
 #: The longest wait between two attempts (Dramatiq's default is 7 days): a step waiting out a database
 #: outage tries again at least this often.
 MAX_BACKOFF_MS = int(os.environ.get("JOBS_MAX_BACKOFF_MS", "60000"))
+
+
+class JobsRabbitmqBroker(HandlersOnly, RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker, its signals sent only to the middleware that handle them."""
+
+
+class JobsStubBroker(HandlersOnly, StubBroker):
+    """Dramatiq's StubBroker (unit tests), its signals dispatched as the real brokers' are."""
 
 
 def build_middleware() -> list[Middleware]:
@@ -75,12 +84,12 @@ def build_middleware() -> list[Middleware]:
 def build_broker() -> dramatiq.Broker:
     settings = get_settings()
     if os.environ.get("JOBS_BROKER") == "stub":
-        broker: dramatiq.Broker = StubBroker(middleware=build_middleware())
+        broker: dramatiq.Broker = JobsStubBroker(middleware=build_middleware())
     elif settings.amqp_url is not None:
         # Publisher confirms: a send returns once RabbitMQ has the message, so the outbox deletes a row
         # only for a message that is really in the broker. RabbitMQ returns a dead worker's unacknowledged
         # messages as soon as its connection drops: no heartbeat timeout or maintenance to tune.
-        broker = RabbitmqBroker(url=settings.amqp_url, middleware=build_middleware(), confirm_delivery=True)
+        broker = JobsRabbitmqBroker(url=settings.amqp_url, middleware=build_middleware(), confirm_delivery=True)
     else:
         broker = JobsRedisBroker(
             client=ThreadConnections(redis.ConnectionPool.from_url(settings.broker_url)),

@@ -52,6 +52,8 @@ from middleware.transitions import end_operation
 from resources.config import get_settings
 from resources.redis_client import RoundTripScript, run_script
 
+from .hook_dispatch import HandlersOnly
+
 __all__ = [
     "BrokerMaintenance",
     "DeferredEnqueue",
@@ -507,7 +509,7 @@ class DeferredEnqueue:
         self.script(keys=self.keys, args=self.args)
 
 
-class JobsRedisBroker(RedisBroker):
+class JobsRedisBroker(HandlersOnly, RedisBroker):
     """A RedisBroker whose consumers survive malformed messages and which can run maintenance on demand.
 
     ``on_malformed(queue_name, redis_message_id, operation_id, reason)`` is called from a consumer thread
