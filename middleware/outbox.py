@@ -38,6 +38,7 @@ from resources.redis_client import ThreadConnections, get_redis
 from .claimed_send import ClaimedSend, load_scripts, send_claimed
 from .heartbeat import Heartbeat
 from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release, sent_claim
+from .plan import message_fields
 from .progress import Outgoing, deferring, enqueue_all
 from .sent_rows import sent_rows
 from .throttle import Admission, Guard, Throttle, ThrottleScope, find_throttle
@@ -73,7 +74,7 @@ def stage(
     row = {
         "id": row_id,
         "operation_id": operation_id,
-        "messages": [{"message": item.message.asdict(), "delay": item.delay} for item in outgoing],
+        "messages": [{"message": message_fields(item.message), "delay": item.delay} for item in outgoing],
         "throttle_scopes": [[scope.key, scope.limit] for scope in throttle_scopes] or None,
         "release_throttle": release_throttle,
         "created_at": utcnow(),

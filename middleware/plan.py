@@ -35,7 +35,9 @@ __all__ = [
     "PlanBuilder",
     "advance",
     "ancestors",
+    "checked_encoding",
     "finishing_alone",
+    "message_fields",
     "message_of",
     "next_in_sequence",
     "node_at",
@@ -84,6 +86,8 @@ class PlanBuilder:
         self._current_party = 0
         #: Throttle scopes of the whole operation: key -> limit (the strictest one asked for).
         self.throttle: dict[str, int] = {}
+        #: The finished plan as JSON, its messages checked (see ``finish``).
+        self.encoded = ""
 
     def add_throttle(self, scopes: Iterable[tuple[str, int]]) -> None:
         """The operation holds a slot in each scope from its first step to its end."""
@@ -140,10 +144,8 @@ class PlanBuilder:
         options[OPTION_RESOURCE] = self.parties[party].ref
         if callback:
             options[OPTION_CALLBACK] = callback
-        # Not message.copy(): it merges options, and Dramatiq's pipe_target must go.
-        stamped = {**message.asdict(), "queue_name": self.queue_name or message.queue_name, "options": options}
-        check_message(stamped)
-        return stamped
+        # Not message.copy(): it merges options, and Dramatiq's pipe_target must go. Checked in finish().
+        return {**message_fields(message), "queue_name": self.queue_name or message.queue_name, "options": options}
 
     def finish(self, root: Node | None) -> dict[str, Any]:
         """The plan as stored: node paths stamped on every step message."""
@@ -159,11 +161,43 @@ class PlanBuilder:
                     self.parties[party].path = path
         if self.parties:
             self.parties[0].path = ""
-        return {
+        plan = {
             "root": root,
             "parties": [vars(p) for p in self.parties],
             OPTION_THROTTLE: throttle,
         }
+        self.encoded = checked_encoding(plan)
+        return plan
+
+
+def message_fields(message: Message) -> dict[str, Any]:
+    """``message.asdict()``, without its walk over the dataclass's fields (several messages per ``execute()``)."""
+    return {
+        "queue_name": message.queue_name,
+        "actor_name": message.actor_name,
+        "args": message.args,
+        "kwargs": message.kwargs,
+        "options": message.options,
+        "message_id": message.message_id,
+        "message_timestamp": message.message_timestamp,
+    }
+
+
+def checked_encoding(plan: dict[str, Any]) -> str:
+    """The plan as compact JSON, once every message in it is known to travel (``check_message``). One encoding of
+    the whole plan checks them all and is what its row stores: a message is never larger than the plan holding it.
+    Each message is checked on its own, to name the one at fault, only when the plan is not JSON or is larger
+    than a message may be."""
+    try:
+        text = json.dumps(plan, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        text = None
+    if text is None or len(text) > get_settings().max_message_bytes:
+        root = plan["root"]
+        steps = [node_at(root, path)["message"] for path in step_paths(root)] if root is not None else []
+        for fields in [*steps, *(m for party in plan["parties"] for m in party["on_failure"])]:
+            check_message(fields)
+    return text if text is not None else json.dumps(plan, separators=(",", ":"))
 
 
 def check_message(fields: dict[str, Any]) -> None:

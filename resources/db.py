@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from . import pg_piggyback, sqlite_savepoints
 from .config import get_settings
 from .errors import ConfigurationError
+from .json_columns import serialize_json
 from .models import Base
 from .sqlite_turns import TurnTakingConnection
 
@@ -114,10 +115,11 @@ def _engine_for(url: str) -> Engine:
                 "check_same_thread": False,
                 "factory": TurnTakingConnection,
             },
+            json_serializer=serialize_json,
         )
         _prepare_sqlite(engine, url)
         return engine
-    engine = create_engine(_with_piggyback(url), pool_size=10, max_overflow=20)
+    engine = create_engine(_with_piggyback(url), pool_size=10, max_overflow=20, json_serializer=serialize_json)
     ping_idle_connections(engine)
     return engine
 

@@ -7,6 +7,7 @@ good. ``execute`` records the operation and sends its first messages after the c
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from middleware.throttle import scopes_of
 from resources.after_commit import on_commit
 from resources.db import get_sessionmaker, join_session, session_scope
 from resources.errors import InvalidArgument, JobsError
+from resources.json_columns import EncodedJSON
 from resources.models import Operation, OperationStatus, Resource, new_uuid, utcnow
 
 from .. import queues
@@ -148,8 +150,11 @@ class BaseExecutor:
     @classmethod
     def check_options(cls, kwargs: dict[str, Any]) -> None:
         """Refuse unknown or missing options, naming them and the ones this executor takes."""
-        for name, value in kwargs.items():
-            check_json(value, f"option {name!r} of {cls.executor_name()}.execute()")
+        try:
+            json.dumps(kwargs, allow_nan=False)  # all at once; one by one only to name the one at fault
+        except (TypeError, ValueError):
+            for name, value in kwargs.items():
+                check_json(value, f"option {name!r} of {cls.executor_name()}.execute()")
         accepted = cls.accepted_options()
         unknown = sorted(set(kwargs) - accepted)
         missing = sorted(set().union(*(vars(k).get("required_options", ()) for k in cls.__mro__)) - set(kwargs))
@@ -227,7 +232,7 @@ class BaseExecutor:
                     "id": operation_id,
                     "executor": cls.executor_name(),
                     "resource_ref": instance.ref,
-                    "plan": plan,
+                    "plan": EncodedJSON(builder.encoded),  # the plan's text as finish() checked it: not encoded again
                     "status": OperationStatus.SUCCEEDED if finished else OperationStatus.RUNNING,
                     "failed_step": "",
                     "error_message": "",

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from jobs.actors import backend_method
 from jobs.executors import InstanceCreateExecutor, InstanceResizeExecutor, InstanceUpdateExecutor
 from jobs.executors.standard import UpdateExecutor
+from middleware.plan import node_at, step_paths
 from middleware.sent_rows import sent_rows
 from resources.db import get_engine, session_scope
 from resources.errors import InvalidArgument, JobsError, TransitionNotAllowed
@@ -137,3 +138,40 @@ def test_a_deleted_resource_is_refused_naming_it(stub_broker, cloud):
     assert stub_broker.queues["default"].qsize() == 0
     # ... and the transaction execute() opened to look for it is over, though the error (its frames) is still held
     assert raised.value is not None and get_engine().pool.checkedout() == 0
+
+
+class _ManyStepsExecutor(UpdateExecutor):
+    """Ten steps of about 1 KB each: the plan is over a 4 KB limit, every message under it."""
+
+    @classmethod
+    def get_task_signature(cls, instance: Instance, serialized_instance: str, **kwargs: Any) -> Any:
+        return [backend_method.message(serialized_instance, "pull", updated_fields=["x" * 1000]) for _ in range(10)]
+
+
+def test_a_plan_larger_than_a_message_may_be_is_accepted_when_each_message_fits(
+    stub_broker, stub_worker, cloud, monkeypatch
+):
+    # The limit is a message's, checked message by message; the plan's one encoding only spares those checks
+    monkeypatch.setenv("JOBS_MAX_MESSAGE_BYTES", "4096")
+    instance = ok_instance(stub_broker)
+    handle = _ManyStepsExecutor.execute(instance)
+    drain(stub_broker)
+    with session_scope() as session:
+        plan = session.get_one(Operation, handle.id).plan
+    pulls = [p for p in step_paths(plan["root"]) if node_at(plan["root"], p)["message"]["args"][1] == "pull"]
+    assert len(pulls) == 10
+
+
+class _LeakyFailureExecutor(InstanceUpdateExecutor):
+    """Its failure callback carries a Python object: a message of the plan that is not a step."""
+
+    @classmethod
+    def get_failure_signature(cls, instance: Instance, serialized_instance: str, **kwargs: Any) -> Any:
+        return backend_method.message(serialized_instance, "update", updated_fields=[], when=datetime.date.today())
+
+
+def test_a_non_json_argument_of_a_failure_callback_is_refused_naming_it(stub_broker, stub_worker, cloud):
+    instance = ok_instance(stub_broker)
+    with pytest.raises(InvalidArgument, match="argument 'when' of backend_method is date"):
+        _LeakyFailureExecutor.execute(instance)
+    nothing_written(instance, State.OK)
