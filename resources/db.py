@@ -105,6 +105,10 @@ def ping_idle_connections(engine: Engine, idle_s: float = PING_AFTER_IDLE_S) -> 
             raise exc.InvalidatePoolError(f"a pooled connection idle for {idle_s}s or more is dead: {error}") from error
 
 
+# Both pools hand out the connection returned last (``pool_use_lifo``): a thread that commits and starts again gets
+# its own connection back, warm. Handed the pool's oldest one instead (its default), a thread took turns over every
+# pooled connection: on SQLite each had missed the others' commits and read its pages again, about twenty reads
+# of the file per execute(); on PostgreSQL each had its own server process and prepared statements to warm up.
 @functools.cache
 def _engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
@@ -116,10 +120,13 @@ def _engine_for(url: str) -> Engine:
                 "factory": TurnTakingConnection,
             },
             json_serializer=serialize_json,
+            pool_use_lifo=True,
         )
         _prepare_sqlite(engine, url)
         return engine
-    engine = create_engine(_with_piggyback(url), pool_size=10, max_overflow=20, json_serializer=serialize_json)
+    engine = create_engine(
+        _with_piggyback(url), pool_size=10, max_overflow=20, pool_use_lifo=True, json_serializer=serialize_json
+    )
     ping_idle_connections(engine)
     return engine
 

@@ -1,4 +1,5 @@
-"""PostgreSQL's pool pings a connection only after it sat idle (``resources.db.ping_idle_connections``)."""
+"""The engines' pools: each hands a thread back its own last connection, and PostgreSQL's pings a connection only
+after it sat idle (``resources.db.ping_idle_connections``)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,20 @@ def test_a_connection_in_use_a_moment_ago_is_not_pinged(
 
     # The first checkout of each is a new connection; the two after it were back in the pool.
     assert pings == [pinging_engine, pinging_engine]
+
+
+def test_a_thread_gets_back_the_connection_it_returned_last():
+    # The project's engine for the suite's database (SQLite as a new user runs it, PostgreSQL in CI's second run):
+    # with another connection idle in the pool, a thread that commits and starts again is handed its own
+    # connection back, whose cache saw its last commit, not the one idle longest.
+    from resources.db import get_engine
+
+    engine = get_engine()
+    first, second = engine.connect(), engine.connect()
+    first_driver, second_driver = first.connection.driver_connection, second.connection.driver_connection
+    first.close()
+    second.close()  # returned last
+    for _ in range(3):
+        with engine.connect() as connection:
+            assert connection.connection.driver_connection is second_driver
+    assert first_driver is not second_driver
