@@ -160,7 +160,14 @@ _STEP_RECORDED = (
 _CHECK = select(_OPERATIONS.c.status, _STEP_RECORDED, _OPERATIONS.c.plan).where(
     _OPERATIONS.c.id == bindparam("operation_id")
 )
-_STATUS_AND_RECORD = select(_OPERATIONS.c.status, _STEP_RECORDED).where(_OPERATIONS.c.id == bindparam("operation_id"))
+_STEP_RECORDED_AT = (
+    select(_STEPS_DONE.c.done_at)
+    .where(_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
+    .scalar_subquery()
+)
+_STATUS_AND_RECORD = select(_OPERATIONS.c.status, _STEP_RECORDED_AT).where(
+    _OPERATIONS.c.id == bindparam("operation_id")
+)
 _CHECK_NO_PATH = select(_OPERATIONS.c.status, literal(False), _OPERATIONS.c.plan).where(
     _OPERATIONS.c.id == bindparam("operation_id")
 )
@@ -207,11 +214,16 @@ def _rows_of_marks(operation_id: str, marked: Mapping[str, datetime], recorded: 
     return [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items() if p not in recorded]
 
 
-def runs_without_record(session: Reader, operation_id: str, path: str) -> bool:
-    """Does the operation still run, with no record of step ``path`` in the database? ``check_step``'s
-    question without its plan, which is most of what it reads."""
+def runs_without_record(session: Reader, operation_id: str, path: str, marked_at: datetime | None = None) -> bool:
+    """Does the operation still run, with no record of step ``path`` in the database but the one of its mark at
+    ``marked_at``? ``check_step``'s question without its plan, which is most of what it reads. A sibling step's
+    completion records the operation's marks (``complete_step``), so a step just marked may find itself recorded
+    with its own mark's time: that record is its own, not another copy's."""
     row = session.execute(_STATUS_AND_RECORD, {"operation_id": operation_id, "path": path}).one_or_none()
-    return row is not None and row[0] == OperationStatus.RUNNING and not row[1]
+    if row is None or row[0] != OperationStatus.RUNNING:
+        return False
+    recorded_at = row[1]
+    return recorded_at is None or (marked_at is not None and recorded_at == marked_at)
 
 
 def check_step(

@@ -323,7 +323,7 @@ class OperationTransitions(Middleware):
         marker, at = mark
         along = [queued] if queued is not None else []
         if chained_next is not None and self.marks.record(operation_id, path, marker, at, along=along):
-            if self.chain.is_chained(message) or self._still_to_record(operation_id, path):
+            if self.chain.is_chained(message) or self._still_to_record(operation_id, path, completed_at(at)):
                 known = self._marks_known(message)
                 return *chained_next, None if known is None else {**known, path: completed_at(at)}
             self.marks.unmark(operation_id, path)
@@ -352,13 +352,15 @@ class OperationTransitions(Middleware):
         except Exception as error:
             logger.warning("could not mark a step's lease queued (%s: %s)", type(error).__name__, error)
 
-    def _still_to_record(self, operation_id: str, path: str) -> bool:
-        """After marking a delivered step: does its operation still run, without a record of the step? A copy
-        of the step delivered twice (a resent outbox row) may have run beside this one, finished first, been
-        recorded in the database, and even ended the operation, its marks then dropped. A chained step needs
-        no such read: it follows the one record of its predecessor."""
+    def _still_to_record(self, operation_id: str, path: str, marked_at: datetime) -> bool:
+        """After marking a delivered step at ``marked_at``: does its operation still run, without a record of the
+        step other than of that mark? A copy of the step delivered twice (a resent outbox row) may have run beside
+        this one, finished first, been recorded in the database, and even ended the operation, its marks then
+        dropped. But a sibling step finishing meanwhile records every mark it finds, this one's too, and that
+        record is this completion's own. A chained step needs no such read: it follows the one record of its
+        predecessor."""
         with self.read_sessions() as session:
-            return runs_without_record(session, operation_id, path)
+            return runs_without_record(session, operation_id, path, marked_at)
 
     def _record_failure(self, message: Message[Any], operation_id: str, exception: BaseException) -> str | None:
         """Fail the operation and stage its failure callbacks and the slot's release in the outbox, in one

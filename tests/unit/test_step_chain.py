@@ -531,6 +531,32 @@ def test_chained_steps_inside_a_group_ask_the_throttle(stub_broker, enqueues, ad
     assert sorted(admissions) == ["a0", "a1", "b0", "b1"]
 
 
+def test_a_step_whose_mark_a_sibling_recorded_before_its_check_goes_on(stub_broker, enqueues, stub_worker, monkeypatch):
+    # Given a group of two sequences, and a sibling step's completion that records the operation's marks in the
+    # database (as complete_step does) just after each branch's first step marked itself, before its check
+    real = OperationTransitions._still_to_record
+    one_sibling = threading.Lock()  # the two branches' checks may come together: one writes the records at a time
+
+    def sibling_recorded_the_marks(self: Any, operation_id: str, path: str, *args: Any) -> Any:
+        with one_sibling, session_scope() as session:
+            recorded = done_paths(operation_id)
+            for marked, at in StepMarks().paths(operation_id).items():
+                if marked not in recorded:
+                    session.add(StepDone(operation_id=operation_id, path=marked, done_at=at))
+        return real(self, operation_id, path, *args)
+
+    monkeypatch.setattr(OperationTransitions, "_still_to_record", sibling_recorded_the_marks)
+    handle = ThrottledExecutor.execute(make_instance(make_tenant(), volumes=0), grouped=True)
+
+    # When it runs
+    drain(stub_broker)
+
+    # Then each first step took the record of its own mark as its own, not as another copy's, and its branch went
+    # on: every step ran once and the operation succeeded
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert sorted(labels()) == ["a0", "a1", "b0", "b1"]
+
+
 def test_a_worker_shutting_down_sends_the_next_step_instead_of_running_it(stub_broker, enqueues, stub_worker):
     # Given a worker that has begun to shut down
     instance = make_instance(make_tenant(), volumes=0)
