@@ -152,19 +152,13 @@ def _locked(session: Session, operation_id: str) -> Operation | None:
 _OPERATIONS = Operation.__table__
 _STEPS_DONE = StepDone.__table__
 _RECORDED_PATHS = select(_STEPS_DONE.c.path).where(_STEPS_DONE.c.operation_id == bindparam("operation_id"))
-_STEP_RECORDED = (
-    select(_STEPS_DONE.c.path)
-    .where(_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
-    .exists()
-)
+#: The record of one step of one operation, if any.
+_THIS_STEP = (_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
+_STEP_RECORDED = select(_STEPS_DONE.c.path).where(*_THIS_STEP).exists()
 _CHECK = select(_OPERATIONS.c.status, _STEP_RECORDED, _OPERATIONS.c.plan).where(
     _OPERATIONS.c.id == bindparam("operation_id")
 )
-_STEP_RECORDED_AT = (
-    select(_STEPS_DONE.c.done_at)
-    .where(_STEPS_DONE.c.operation_id == bindparam("operation_id"), _STEPS_DONE.c.path == bindparam("path"))
-    .scalar_subquery()
-)
+_STEP_RECORDED_AT = select(_STEPS_DONE.c.done_at).where(*_THIS_STEP).scalar_subquery()
 _STATUS_AND_RECORD = select(_OPERATIONS.c.status, _STEP_RECORDED_AT).where(
     _OPERATIONS.c.id == bindparam("operation_id")
 )
