@@ -6,8 +6,8 @@ Run from the repository root (Celery comes with the ``bench`` extra)::
     python -m benchmarks.throughput --json --database postgresql    # a throw-away PostgreSQL database
     python -m benchmarks.throughput --operations 100 --rounds 1     # smaller; a table instead of JSON
 
-Every variant runs the same work on the same number of worker processes and threads, one variant after the
-other (its workers stopped before the next one starts), each under Redis keys of its own:
+Every variant runs the same work on the same number of worker processes and threads, one variant at a time
+(its workers stopped before the next one starts), each under Redis keys of its own:
 
 - ``plain_dramatiq``: ``dramatiq.pipeline`` of five no-op actors on a stock ``RedisBroker``, its workers
   polling every 10 ms at most (``dramatiq_worker_timeout=10``: with its default of a second they idle);
@@ -15,10 +15,13 @@ other (its workers stopped before the next one starts), each under Redis keys of
   database, its throttle scope's limit above the number of operations (present, never binding);
 - ``celery``: a ``chain`` of five no-op tasks, Redis as the broker, no result backend.
 
-The last step of each operation adds one to a counter in Redis. After a warm-up batch, each round enqueues
-``--operations`` operations from this process and waits until the counter reaches that number (for the
-executors, also until the database says every operation succeeded). ops/s is operations over that time,
-enqueueing included; a variant's figure is the median of its rounds.
+The last step of each operation adds one to a counter in Redis. The variants take turns round by round (round 1:
+plain, executors, Celery; round 2: executors, Celery, plain; ...), so that a slow spell of the machine falls on
+all of them rather than on the one running through it. Each round of a variant starts its worker processes,
+warms them up with a batch, then enqueues ``--operations`` operations from this process and waits until the
+counter reaches that number (for the executors, also until the database says every operation succeeded), and
+stops the workers. ops/s is operations over that time, enqueueing included; a variant's figure is the median of
+its rounds.
 
 With REDIS_URL set it uses that server; otherwise it starts a private embedded Redis. SQLite is a file in
 a temporary directory; PostgreSQL is a database created for the run and dropped at its end. Every worker
@@ -326,10 +329,33 @@ class Variant:
     def __init__(self, environment: Environment, options: Options) -> None:
         self.environment = environment
         self.options = options
+        #: The worker processes of the round under way (each round starts its own).
         self.workers: list[ManagedProcess] = []
+        #: The round under way, from 1: its workers log to files of their own.
+        self.round = 0
+        #: Every round's worker logs.
+        self.log_paths: list[Path] = []
+        #: The brokers in the heartbeats set before this round's workers started (see ``wait_for_heartbeats``).
+        self.heartbeats_before: set[str] = set()
 
     def log_path(self, suffix: str = "") -> Path:
-        return self.environment.logs / f"{self.name}{suffix}.log"
+        path = self.environment.logs / f"{self.name}-round-{self.round}{suffix}.log"
+        self.log_paths.append(path)
+        return path
+
+    def start_round(self, stack: ExitStack, index: int) -> None:
+        """Start round ``index``'s worker processes (``stack`` stops them) and wait until they consume."""
+        from resources.redis_client import get_redis
+
+        self.round, self.workers = index, []
+        key = self.heartbeats_key()
+        self.heartbeats_before = set(get_redis().zrange(key, 0, -1)) if key else set()
+        self.start(stack)
+        self.wait_ready(time.monotonic() + BOOT_TIMEOUT_S)
+
+    def heartbeats_key(self) -> str | None:
+        """Where Dramatiq's workers of this variant stamp their polls (None: not a Dramatiq variant)."""
+        return None
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -386,10 +412,13 @@ class PlainDramatiq(Variant):
         )
         self._keep(stack, worker)
 
+    def heartbeats_key(self) -> str:
+        return f"{self.namespace}:__heartbeats__"
+
     def wait_ready(self, deadline: float) -> None:
         from benchmarks.noop_plain import broker
 
-        wait_for_heartbeats(self, f"{self.namespace}:__heartbeats__", exclude=broker.broker_id, deadline=deadline)
+        wait_for_heartbeats(self, self.heartbeats_key(), exclude={broker.broker_id}, deadline=deadline)
 
     def counter_key(self, label: str) -> str:
         return f"{self.namespace}:done:{label}"
@@ -444,11 +473,13 @@ class Executors(Variant):
         )
         self._keep(stack, worker)
 
+    def heartbeats_key(self) -> str:
+        return f"{self.environment.namespace}:dramatiq:__heartbeats__"
+
     def wait_ready(self, deadline: float) -> None:
         from jobs.broker import broker
 
-        key = f"{self.environment.namespace}:dramatiq:__heartbeats__"
-        wait_for_heartbeats(self, key, exclude=broker.broker_id, deadline=deadline)
+        wait_for_heartbeats(self, self.heartbeats_key(), exclude={broker.broker_id}, deadline=deadline)
 
     def counter_key(self, label: str) -> str:
         return f"{self.environment.namespace}:bench:done:{label}"
@@ -512,6 +543,9 @@ class CeleryChains(Variant):
             CELERY_PREFIX_ENV: self.prefix,
         }
         os.environ.update(env)  # for this process's import of benchmarks.noop_celery
+        from resources.redis_client import get_redis
+
+        get_redis().delete(self.prefix + CELERY_READY_KEY)  # counted again by this round's workers
         # Default: as many Celery worker processes as Dramatiq's, each with a pool of as many threads, so
         # both run P processes x T threads sharing a GIL per process (no-op tasks are all Python, so the
         # GIL, not I/O, is what the thread count decides). --celery-pool prefork instead runs one worker
@@ -544,7 +578,8 @@ class CeleryChains(Variant):
                 "WARNING",
             ]
             log_path = self.log_path(f"-{index + 1}")
-            self._keep(stack, start_process(f"{self.name}-{index + 1}", command, env=env, log_path=log_path))
+            name = f"{self.name}-{index + 1}-round-{self.round}"
+            self._keep(stack, start_process(name, command, env=env, log_path=log_path))
 
     def wait_ready(self, deadline: float) -> None:
         from resources.redis_client import get_redis
@@ -590,14 +625,16 @@ def wait_until(condition: Callable[[], bool], *, variant: Variant, deadline: flo
         time.sleep(POLL_S)
 
 
-def wait_for_heartbeats(variant: Variant, key: str, *, exclude: str, deadline: float) -> None:
+def wait_for_heartbeats(variant: Variant, key: str, *, exclude: set[str], deadline: float) -> None:
     """Until every worker process polls: Dramatiq's Redis broker stamps each broker's polls in a heartbeats
-    set (this process's own broker too, once it has sent something)."""
+    set (this process's own broker too, once it has sent something). The set keeps the stopped workers of earlier
+    rounds for a while: only brokers not in it when the round's workers started count."""
     from resources.redis_client import get_redis
 
     wanted = variant.options.processes
+    ignored = exclude | variant.heartbeats_before
     wait_until(
-        lambda: len(set(get_redis().zrange(key, 0, -1)) - {exclude}) >= wanted,
+        lambda: len(set(get_redis().zrange(key, 0, -1)) - ignored) >= wanted,
         variant=variant,
         deadline=deadline,
         what=f"{wanted} worker processes polling",
@@ -625,41 +662,62 @@ def measure(variant: Variant, count: int, label: str, timeout_s: float) -> Run:
     return Run(count, enqueued - started, total_s, spent["machine"], spent)
 
 
-def run_variant(environment: Environment, options: Options, name: str) -> tuple[VariantOutcome, dict[str, Any]]:
-    """Boot the variant's workers, warm up, time its rounds, stop the workers. Returns its outcome and, when
-    profiling the executors, the profile summary."""
-    variant = VARIANT_CLASSES[name](environment, options)
-    outcome = VariantOutcome(workers=variant.describe())
-    try:
-        with ExitStack() as stack:
-            variant.start(stack)
-            booting = time.monotonic()
-            variant.wait_ready(booting + BOOT_TIMEOUT_S)
-            measure(variant, options.warm_up, "warm-up", options.timeout_s)
-            console.print(f"{name}: workers ready and warm in {time.monotonic() - booting:.1f} s")
-            for index in range(options.rounds):
-                run_ = measure(variant, options.operations, f"round-{index + 1}", options.timeout_s)
-                outcome.runs.append(run_)
-                console.print(
-                    f"{name}: round {index + 1}: {run_.ops_per_s:.1f} operations/s "
-                    f"({run_.total_s:.2f} s, enqueueing {run_.enqueue_s:.2f} s)"
-                )
-    except Exception as error:  # one broken variant still leaves the others' figures
-        outcome.error = f"{type(error).__name__}: {error}"
-        console.print(f"[red]{name}: {outcome.error}[/]")
-    outcome.worker_log = worker_log_counts(variant)
-    profile = profile_of(variant) if isinstance(variant, Executors) and options.profile else {}
-    return outcome, profile
+def round_order(variants: Sequence[str], index: int) -> list[str]:
+    """The order in which round ``index`` (from 0) runs ``variants``: one further along each round, so that no
+    variant always runs first (after the machine sat idle) or last."""
+    if not variants:
+        return []
+    offset = index % len(variants)
+    return [*variants[offset:], *variants[:offset]]
+
+
+def run_round(variant: Variant, options: Options, index: int) -> Run:
+    """Round ``index`` (from 1) of ``variant``: start its workers, warm them up, time the round, stop them."""
+    with ExitStack() as stack:
+        booting = time.monotonic()
+        variant.start_round(stack, index)
+        measure(variant, options.warm_up, f"warm-up-{index}", options.timeout_s)
+        console.print(f"{variant.name}: round {index}: workers ready and warm in {time.monotonic() - booting:.1f} s")
+        return measure(variant, options.operations, f"round-{index}", options.timeout_s)
+
+
+def run_variants(environment: Environment, options: Options) -> tuple[dict[str, VariantOutcome], dict[str, Any]]:
+    """Every round of every variant, the rounds taking turns (``round_order``): a slow spell of the machine, whose
+    CPUs other tenants share, then falls on each variant alike instead of on whichever ran through it. Returns each
+    variant's outcome and, when profiling the executors, the profile summary."""
+    variants = {name: VARIANT_CLASSES[name](environment, options) for name in options.variants}
+    outcomes = {name: VariantOutcome(workers=variant.describe()) for name, variant in variants.items()}
+    for index in range(options.rounds):
+        for name in round_order(options.variants, index):
+            outcome = outcomes[name]
+            if outcome.error is not None:
+                continue
+            try:
+                run_ = run_round(variants[name], options, index + 1)
+            except Exception as error:  # one broken variant still leaves the others' figures
+                outcome.error = f"{type(error).__name__}: {error}"
+                console.print(f"[red]{name}: {outcome.error}[/]")
+                continue
+            outcome.runs.append(run_)
+            console.print(
+                f"{name}: round {index + 1}: {run_.ops_per_s:.1f} operations/s "
+                f"({run_.total_s:.2f} s, enqueueing {run_.enqueue_s:.2f} s)"
+            )
+    for name, variant in variants.items():
+        outcomes[name].worker_log = worker_log_counts(variant)
+    executors = variants.get("executors")
+    profile = profile_of(executors) if isinstance(executors, Executors) and options.profile else {}
+    return outcomes, profile
 
 
 def worker_log_counts(variant: Variant) -> dict[str, Any]:
     """Warnings, errors and exception types in the variant's worker logs (not their text: it may name
     paths of this machine)."""
     total: dict[str, Any] = {"warnings": 0, "errors": 0, "exceptions": {}}
-    for worker in variant.workers:
-        if worker.log_path is None:
+    for log_path in dict.fromkeys(variant.log_paths):
+        if not log_path.exists():
             continue
-        report = summarize_log(worker.log_path)
+        report = summarize_log(log_path)
         total["warnings"] += report["warnings"]
         total["errors"] += report["errors"]
         for exception, count in report["exceptions"].items():
@@ -670,7 +728,7 @@ def worker_log_counts(variant: Variant) -> dict[str, Any]:
 def profile_of(variant: Executors) -> dict[str, Any]:
     """The worker threads' profiles (written when the workers stopped) and this process's enqueueing."""
     options = variant.options
-    operations = options.warm_up + options.rounds * options.operations  # the warm-up is profiled too
+    operations = options.rounds * (options.warm_up + options.operations)  # the warm-ups are profiled too
     result: dict[str, Any] = {}
     workers = sorted(str(path) for path in variant.profile_directory.glob("*-worker-*.prof"))
     consumers = sorted(str(path) for path in variant.profile_directory.glob("*-consumer-*.prof"))
@@ -742,10 +800,7 @@ def run(options: Options) -> dict[str, Any]:
         stack.callback(delete_keys, f"{environment.namespace}-plain:")
         stack.callback(delete_keys, f"{environment.namespace}-celery:")
         machine = machine_info(environment.redis)
-        for name in options.variants:
-            outcomes[name], variant_profile = run_variant(environment, options, name)
-            if variant_profile:
-                profile = variant_profile
+        outcomes, profile = run_variants(environment, options)
         machine["load_average_at_end"] = round(os.getloadavg()[0], 2)
     result = build_result(
         options, outcomes, database_url=database_url, machine=machine, duration_s=time.monotonic() - started

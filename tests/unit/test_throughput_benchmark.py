@@ -22,6 +22,7 @@ from benchmarks.throughput import (
     parse_options,
     profile_summary,
     ratio,
+    round_order,
     short_location,
     shown_database_url,
 )
@@ -94,6 +95,18 @@ def test_bad_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         parse_options(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_the_variants_take_turns_starting_one_further_along_each_round():
+    orders = [round_order(VARIANTS, index) for index in range(4)]
+    assert orders == [
+        ["plain_dramatiq", "executors", "celery"],
+        ["executors", "celery", "plain_dramatiq"],
+        ["celery", "plain_dramatiq", "executors"],
+        ["plain_dramatiq", "executors", "celery"],
+    ]
+    assert round_order(("executors",), 5) == ["executors"]
+    assert round_order((), 0) == []
 
 
 def test_ratio_is_rounded_and_none_without_both_figures():
