@@ -333,15 +333,15 @@ class Variant:
         self.workers: list[ManagedProcess] = []
         #: The round under way, from 1: its workers log to files of their own.
         self.round = 0
-        #: Every round's worker logs.
-        self.log_paths: list[Path] = []
         #: The brokers in the heartbeats set before this round's workers started (see ``wait_for_heartbeats``).
         self.heartbeats_before: set[str] = set()
 
     def log_path(self, suffix: str = "") -> Path:
-        path = self.environment.logs / f"{self.name}-round-{self.round}{suffix}.log"
-        self.log_paths.append(path)
-        return path
+        return self.environment.logs / f"{self.name}-round-{self.round}{suffix}.log"
+
+    def log_paths(self) -> list[Path]:
+        """The worker logs of every round so far."""
+        return sorted(self.environment.logs.glob(f"{self.name}-round-*.log"))
 
     def start_round(self, stack: ExitStack, index: int) -> None:
         """Start round ``index``'s worker processes (``stack`` stops them) and wait until they consume."""
@@ -714,9 +714,7 @@ def worker_log_counts(variant: Variant) -> dict[str, Any]:
     """Warnings, errors and exception types in the variant's worker logs (not their text: it may name
     paths of this machine)."""
     total: dict[str, Any] = {"warnings": 0, "errors": 0, "exceptions": {}}
-    for log_path in dict.fromkeys(variant.log_paths):
-        if not log_path.exists():
-            continue
+    for log_path in variant.log_paths():
         report = summarize_log(log_path)
         total["warnings"] += report["warnings"]
         total["errors"] += report["errors"]
@@ -780,8 +778,6 @@ def delete_keys(prefix: str) -> None:
 
 def run(options: Options) -> dict[str, Any]:
     started = time.monotonic()
-    outcomes: dict[str, VariantOutcome] = {}
-    profile: dict[str, Any] = {}
     with ExitStack() as stack:
         environment = prepare_environment(stack)  # restores the environment variables when the stack closes
         environment.database = options.database

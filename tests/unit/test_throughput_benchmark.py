@@ -11,9 +11,12 @@ import time
 import pytest
 
 from benchmarks.cpu import CpuReading, machine_cpu_s
+from benchmarks.throttle import Environment
 from benchmarks.throughput import (
     REPO_ROOT,
     VARIANTS,
+    CeleryChains,
+    Executors,
     Options,
     Run,
     VariantOutcome,
@@ -107,6 +110,23 @@ def test_the_variants_take_turns_starting_one_further_along_each_round():
     ]
     assert round_order(("executors",), 5) == ["executors"]
     assert round_order((), 0) == []
+
+
+def test_each_round_logs_to_files_of_its_own_and_a_variant_reads_only_its_own(tmp_path):
+    environment = Environment(directory=tmp_path, namespace="n", redis="embedded", database="sqlite")
+    executors, celery = Executors(environment, Options()), CeleryChains(environment, Options())
+    environment.logs.mkdir()
+    for round_ in (1, 2):
+        executors.round = celery.round = round_
+        for path in (executors.log_path(), celery.log_path("-1"), celery.log_path("-2")):
+            path.write_text("")
+    assert [p.name for p in executors.log_paths()] == ["executors-round-1.log", "executors-round-2.log"]
+    assert [p.name for p in celery.log_paths()] == [
+        "celery-round-1-1.log",
+        "celery-round-1-2.log",
+        "celery-round-2-1.log",
+        "celery-round-2-2.log",
+    ]
 
 
 def test_ratio_is_rounded_and_none_without_both_figures():
