@@ -208,7 +208,7 @@ def _rows_of_marks(operation_id: str, marked: Mapping[str, datetime], recorded: 
     return [{"operation_id": operation_id, "path": p, "done_at": at} for p, at in marked.items() if p not in recorded]
 
 
-def runs_without_record(session: Reader, operation_id: str, path: str, marked_at: datetime | None = None) -> bool:
+def runs_without_record(session: Reader, operation_id: str, path: str, marked_at: datetime) -> bool:
     """Does the operation still run, with no record of step ``path`` in the database but the one of its mark at
     ``marked_at``? ``check_step``'s question without its plan, which is most of what it reads. A sibling step's
     completion records the operation's marks (``complete_step``), so a step just marked may find itself recorded
@@ -217,7 +217,7 @@ def runs_without_record(session: Reader, operation_id: str, path: str, marked_at
     if row is None or row[0] != OperationStatus.RUNNING:
         return False
     recorded_at = row[1]
-    return recorded_at is None or (marked_at is not None and recorded_at == marked_at)
+    return recorded_at is None or recorded_at == marked_at
 
 
 def check_step(
