@@ -133,13 +133,13 @@ def run(options: Options) -> dict[str, Any]:
         # Imported only now: they read REDIS_URL, the namespace and the database when they are imported.
         from benchmarks.noop import NoopExecutor, UnthrottledNoopExecutor
         from benchmarks.throughput import Executors, PlainDramatiq
-        from middleware.sent_rows import sent_rows
         from resources.db import create_schema
+        from resources.redis_client import settle_replies
 
         database_url = shown_database_url(os.environ["DATABASE_URL"], environment.directory)
         create_schema()
         stack.callback(clean_up, environment)
-        stack.callback(sent_rows.flush)  # before the rows go: the batch delete of the sent outbox rows
+        stack.callback(settle_replies)  # before the keys go: the answers of the sends not waited for
         stack.callback(delete_keys, f"{environment.namespace}-plain:")
         counter = f"{environment.namespace}:bench:enqueue"
         send_pipelines = PlainDramatiq.send_pipelines

@@ -94,6 +94,13 @@ class JobsCollector:
     def _database_gauges(self, families: dict[str, GaugeMetricFamily]) -> None:
         with self.sessions() as session:
             backlog, oldest = session.execute(select(func.count(), func.min(OutboxMessage.created_at))).one()
+            marked, oldest_marked = session.execute(
+                select(func.count(), func.min(Operation.first_steps_since)).where(
+                    Operation.status == OperationStatus.RUNNING, Operation.first_steps_since.is_not(None)
+                )
+            ).one()
+            backlog += marked
+            oldest = min((t for t in (oldest, oldest_marked) if t is not None), default=None)
             running = session.execute(
                 select(Operation.executor, func.count())
                 .where(Operation.status == OperationStatus.RUNNING)
@@ -121,10 +128,12 @@ class JobsCollector:
                 "jobs_throttle_limit", "The most operations that may hold the throttle scope at once.", labels=scope
             ),
             "outbox_backlog": GaugeMetricFamily(
-                "jobs_outbox_backlog", "Outbox rows committed but not yet sent to the broker."
+                "jobs_outbox_backlog",
+                "Outbox rows, and operations' first steps, committed but not yet known to be in the broker.",
             ),
             "outbox_oldest": GaugeMetricFamily(
-                "jobs_outbox_oldest_age_seconds", "Age of the oldest unsent outbox row (0 when there is none)."
+                "jobs_outbox_oldest_age_seconds",
+                "Age of the oldest outbox row or first steps not yet known sent (0 when there is none).",
             ),
             "running": GaugeMetricFamily(
                 "jobs_operations_running", "Operations under way, by executor.", labels=["executor"]

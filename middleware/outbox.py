@@ -1,22 +1,25 @@
 """The transactional outbox: messages are written in the transaction of the state change that orders
-them and sent after it commits, so a commit is never left without its messages. It holds an operation's
-first steps (``execute``), a failure's callbacks and slot release, and a completed step's successors
-only when the broker refused them (see ``transitions``: otherwise a redelivery of the step covers a crash).
+them and sent after it commits, so a commit is never left without its messages.
 
-``stage`` adds the messages to the caller's transaction. After the commit, ``send_committed`` (the
-committing process, which still has the messages) sends them with no second transaction and leaves the
-row's delete to a background batch; ``deliver`` sends a row under its row lock and deletes it in the
-same transaction. ``relay`` delivers rows a process left behind, killed between its commit and its send,
-or cut off from the broker. Every sender first takes the row's claim in Redis (``outbox_claims``), so
-two senders never both send it; a sender killed after its send but before it marks the row sent leaves a
-row that is sent again, which the steps' idempotency makes harmless. A throttled operation's first steps are
-the exception: the committing process takes the claim already marked sent, in the throttle's admission
-script, since the throttle keeps those steps from then on and sends them again if they never start.
+An operation's first steps need no row of their own: ``execute()`` commits the operation's row marked
+``first_steps_since`` (the plan holds every step's message), and ``send_first_steps`` sends them after the
+commit. Everything else goes through outbox rows: a failure's callbacks and slot release, and a completed
+step's successors only when the broker refused them (see ``transitions``: otherwise a redelivery of the step
+covers a crash). ``stage`` adds a row to the caller's transaction, and ``deliver`` sends it under its row lock
+and deletes it in the same transaction.
+
+``relay`` sends what a process left behind, killed between its commit and its send, or cut off from the
+broker: outbox rows, and the first steps of running operations still marked past the grace period. Every
+sender first takes a claim in Redis (``outbox_claims``; an operation's first steps are claimed by the
+operation's id), so two senders never both send; a sender killed after its send but before its mark leaves
+messages that are sent again, which the steps' idempotency makes harmless. A throttled operation's first steps
+are claimed already marked sent, in the throttle's admission script, since the throttle keeps those steps from
+then on and sends them again if they never start. The relay clears the mark of operations whose claim says
+sent, in batches; an operation's end clears its own mark in the write that ends it, and drops the claim.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -25,25 +28,24 @@ from typing import Any
 import dramatiq
 from dramatiq import Message
 from dramatiq.middleware import Middleware
-from sqlalchemy import Insert, bindparam, insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from resources.config import get_settings
 from resources.db import read_scope, session_scope
 from resources.metrics import outbox_relayed
-from resources.models import OutboxMessage, new_uuid, utcnow
-from resources.quick_statements import insert_with_next_statement, names_every_column, quick_insert
+from resources.models import Operation, OperationStatus, OutboxMessage, new_uuid, utcnow
+from resources.quick_statements import quick_insert
 from resources.redis_client import ThreadConnections, get_redis
 
 from .claimed_send import ClaimedSend, load_scripts, send_claimed
 from .heartbeat import Heartbeat
-from .outbox_claims import Claim, claim, forget, mark_sent, new_token, release, sent_claim
+from .outbox_claims import Claim, claim, claim_states, forget, mark_sent, new_token, release, sent_claim
 from .plan import message_fields
-from .progress import Outgoing, deferring, enqueue_all
-from .sent_rows import sent_rows
-from .throttle import Admission, Guard, Throttle, ThrottleScope, find_throttle
+from .progress import Outgoing, deferring, enqueue_all, first_steps
+from .throttle import Admission, Guard, Throttle, ThrottleScope, find_throttle, scopes_of
 
-__all__ = ["OutboxRelay", "deliver", "pending", "relay", "send_committed", "stage"]
+__all__ = ["OutboxRelay", "deliver", "pending", "pending_first_steps", "relay", "send_first_steps", "stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,61 +59,26 @@ def stage(
     operation_id: str,
     outgoing: Sequence[Outgoing],
     *,
-    throttle_scopes: Sequence[ThrottleScope] = (),
     release_throttle: bool = False,
-    along: tuple[Insert, dict[str, Any]] | None = None,
 ) -> str | None:
     """Write ``outgoing`` to the outbox in ``session``'s transaction; returns the row id to ``deliver``
-    after the commit (None when there is nothing to do). With ``throttle_scopes`` the messages are an
-    operation's first steps, admitted or parked by the throttle when they are sent. ``release_throttle``
-    (the operation has ended) frees its slot with the send: a crash cannot leave the slot taken. ``along``:
-    another insert (statement, parameters) to make with the row, first (see ``_insert_with``)."""
+    after the commit (None when there is nothing to do). ``release_throttle`` (the operation has ended)
+    frees its slot with the send: a crash cannot leave the slot taken."""
     if not outgoing and not release_throttle:
-        if along is not None:
-            session.execute(*along)
         return None
     row_id = new_uuid()
     row = {
         "id": row_id,
         "operation_id": operation_id,
         "messages": [{"message": message_fields(item.message), "delay": item.delay} for item in outgoing],
-        "throttle_scopes": [[scope.key, scope.limit] for scope in throttle_scopes] or None,
+        "throttle_scopes": None,
         "release_throttle": release_throttle,
         "created_at": utcnow(),
     }
     # A statement rather than an object: nothing reads the row back in this session, and the unit of work's
-    # bookkeeping for one row costs more than the insert (it is in every execute()).
-    if along is None:
-        quick_insert(session, _INSERT_ROW, row)
-    else:
-        _insert_with(session, along, row)
-    return row_id
-
-
-#: The outbox row's parameters, when it is a WITH query of another insert.
-_ROW_PARAMETER = "outbox_{}"
-
-
-@functools.cache
-def _with_row(statement: Insert) -> Insert:
-    table = OutboxMessage.__table__
-    values = {c: bindparam(_ROW_PARAMETER.format(c.key), type_=c.type) for c in table.c}
-    return statement.add_cte(insert(table).values(values).cte("outbox_row"))
-
-
-def _insert_with(session: Session, along: tuple[Insert, dict[str, Any]], row: dict[str, Any]) -> None:
-    """The insert ``along`` and the outbox ``row``: on PostgreSQL one statement (the row a data-modifying WITH
-    query of the other insert), which the project's dialect sends with the transaction's next statement, usually
-    its COMMIT (``insert_with_next_statement``): no round trip of its own. Elsewhere, or when ``along``'s
-    parameters leave a column to its Python default (which the WITH form would not apply), two statements."""
-    statement, parameters = along
-    if session.get_bind().dialect.name == "postgresql" and names_every_column(statement, parameters):
-        both = _with_row(statement), {**parameters, **{_ROW_PARAMETER.format(k): v for k, v in row.items()}}
-        if not insert_with_next_statement(session, *both):
-            session.execute(*both)
-        return
-    quick_insert(session, statement, parameters)
+    # bookkeeping for one row costs more than the insert.
     quick_insert(session, _INSERT_ROW, row)
+    return row_id
 
 
 def _outgoing(row: OutboxMessage) -> list[Outgoing]:
@@ -169,53 +136,59 @@ def _claim_and_send(row_id: str, send: Callable[[], None]) -> Claim:
     return outcome
 
 
-def send_committed(
+def send_first_steps(
     broker: dramatiq.Broker,
-    row_id: str | None,
     operation_id: str,
     outgoing: Sequence[Outgoing],
     *,
     throttle_scopes: Sequence[ThrottleScope] = (),
 ) -> bool:
-    """Send the messages of outbox row ``row_id``, just committed by this process with these messages and
-    scopes (what ``stage`` was given), without opening a transaction: claim the row, send, mark it sent,
-    and leave the row to be deleted in a batch (for a throttled operation, see ``_admit_and_send``). Returns
-    False when nothing was sent here: the relay had claimed the row (this process stalled past the grace
-    period), or the send failed, which is logged, not raised, and leaves the row to the relay. On the project's
-    Redis broker the claim, the send and the mark go in one round trip whose answer is read later
-    (``_send_ahead``, ``_admit_and_send``): it returns True once that is sent, and a row the relay had claimed
-    is left to it when the answer is read."""
-    if row_id is None:
+    """Send the first steps of operation ``operation_id``, just committed by this process marked as not yet sent,
+    without opening a transaction: claim them, send, mark the claim sent (for a throttled operation, see
+    ``_admit_and_send``). The mark on the operation's row stays until the operation ends or the relay clears it.
+    Returns False when nothing was sent here: the relay had claimed them (this process stalled past the grace
+    period), or the send failed, which is logged, not raised, and leaves them to the relay. On the project's Redis
+    broker the claim, the send and the mark go in one round trip whose answer is read later (``_send_ahead``,
+    ``_admit_and_send``): it returns True once that is sent, and steps the relay had claimed are left to it when
+    the answer is read."""
+    if not outgoing:
         return False
     throttle = find_throttle(broker)
-    if throttle is not None and throttle.enabled and throttle_scopes and outgoing:
-        return _admit_and_send(broker, throttle, row_id, operation_id, outgoing, throttle_scopes)
+    if throttle is not None and throttle.enabled and throttle_scopes:
+        return _admit_and_send(broker, throttle, operation_id, outgoing, throttle_scopes)
 
     def send() -> None:
         _send(broker, operation_id, outgoing, throttle_scopes, release_throttle=False)
 
-    sent_ahead = _send_ahead(broker, row_id, operation_id, outgoing, send) if outgoing else None
-    return _send_now(row_id, operation_id, send) if sent_ahead is None else sent_ahead
+    sent_ahead = _send_ahead(broker, operation_id, outgoing, send)
+    return _send_now(operation_id, send) if sent_ahead is None else sent_ahead
 
 
-def _send_now(row_id: str, operation_id: str, send: Callable[[], None]) -> bool:
+def _not_sent_yet_steps(operation_id: str, error: Exception) -> None:
+    logger.warning(
+        "the first steps of operation %s are not sent yet (%s: %s); the outbox relay sends them once the broker "
+        "and the database answer",
+        operation_id,
+        type(error).__name__,
+        error,
+    )
+
+
+def _send_now(operation_id: str, send: Callable[[], None]) -> bool:
     try:
-        if _claim_and_send(row_id, send) is not Claim.TAKEN:
-            return False
+        return _claim_and_send(operation_id, send) is Claim.TAKEN
     except Exception as error:
-        _not_sent_yet(row_id, operation_id, error)
+        _not_sent_yet_steps(operation_id, error)
         return False
-    sent_rows.add(row_id)
-    return True
 
 
 def _send_ahead(
-    broker: dramatiq.Broker, row_id: str, operation_id: str, outgoing: Sequence[Outgoing], send: Callable[[], None]
+    broker: dramatiq.Broker, operation_id: str, outgoing: Sequence[Outgoing], send: Callable[[], None]
 ) -> bool | None:
-    """``send_committed`` for an operation the throttle does not hold, in one round trip not waited for
+    """``send_first_steps`` for an operation the throttle does not hold, in one round trip not waited for
     (``claimed_send``), where the broker stores its messages on the claims' Redis server: True once sent, False
-    when the send failed (logged; the row is left to the relay, as the usual way leaves it). None, having done
-    nothing, elsewhere: the caller sends the usual way."""
+    when the send failed (logged; the steps are left to the relay, as the usual way leaves them). None, having
+    done nothing, elsewhere: the caller sends the usual way."""
     client = get_redis()
     defer = deferring(broker, client)
     if defer is None or not isinstance(client, ThreadConnections):
@@ -225,17 +198,15 @@ def _send_ahead(
 
     def answered(outcome: ClaimedSend) -> None:
         if outcome is None:  # the server had lost the scripts, and nothing was done: the usual way, then load them
-            if _send_now(row_id, operation_id, send):
+            if _send_now(operation_id, send):
                 load_scripts(client)
         elif isinstance(outcome, Exception):
-            _not_sent_yet(row_id, operation_id, outcome)
-        elif outcome:
-            sent_rows.add(row_id)
+            _not_sent_yet_steps(operation_id, outcome)
 
     try:
-        send_claimed(client, row_id, new_token(), stores, answered)
+        send_claimed(client, operation_id, new_token(), stores, answered)
     except Exception as error:
-        _not_sent_yet(row_id, operation_id, error)
+        _not_sent_yet_steps(operation_id, error)
         return False
     return True
 
@@ -243,38 +214,34 @@ def _send_ahead(
 def _admit_and_send(
     broker: dramatiq.Broker,
     throttle: Throttle,
-    row_id: str,
     operation_id: str,
     outgoing: Sequence[Outgoing],
     scopes: Sequence[ThrottleScope],
 ) -> bool:
-    """``send_committed`` for a throttled operation's first steps, in one round trip on the project's Redis broker
-    (three fewer): the script that admits or parks the operation also takes the row's claim, marked sent at once,
-    and a granted operation's steps are stored in the same round trip. The throttle keeps the steps
-    from then on (it sends them when a parked operation's turn comes, and sends a granted operation's again if
-    none has started within the hand-off timeout), so the row is done even if this process dies before its
-    send. On that broker it returns once the round trip is sent, True, its answer read later (``admit_ahead``):
-    a row the relay had claimed, or a failure, is then logged as the synchronous send would, not returned."""
-    guard = Guard(*sent_claim(row_id))
+    """``send_first_steps`` for a throttled operation, in one round trip on the project's Redis broker (three
+    fewer): the script that admits or parks the operation also takes the steps' claim, marked sent at once, and a
+    granted operation's steps are stored in the same round trip. The throttle keeps the steps from then on (it
+    sends them when a parked operation's turn comes, and sends a granted operation's again if none has started
+    within the hand-off timeout), so they are done even if this process dies before its send. On that broker it
+    returns once the round trip is sent, True, its answer read later (``admit_ahead``): steps the relay had
+    claimed, or a failure, are then logged as the synchronous send would, not returned."""
+    guard = Guard(*sent_claim(operation_id))
 
     def answered(admission: Admission | Exception) -> None:
         if isinstance(admission, Exception):
-            _not_sent_yet(row_id, operation_id, admission)
-        elif admission.status != "guarded":  # guarded: another sender (the relay) has it
-            sent_rows.add(row_id)
+            _not_sent_yet_steps(operation_id, admission)
 
     try:
-        # Without waiting for Redis's answer where the steps go with the admission: the row is done either way
+        # Without waiting for Redis's answer where the steps go with the admission: they are done either way
         # (claimed and sent, or left to the relay), and the answer only says which.
         if throttle.admit_ahead(broker, operation_id, list(scopes), list(outgoing), guard=guard, answer=answered):
             return True
         admission = throttle.admit(broker, operation_id, list(scopes), list(outgoing), guard=guard, send=True)
     except Exception as error:
-        _not_sent_yet(row_id, operation_id, error)
+        _not_sent_yet_steps(operation_id, error)
         return False
     if admission.status == "guarded":
-        return False  # another sender (the relay) has it
-    sent_rows.add(row_id)
+        return False  # another sender (the relay) has them
     if admission.status != "granted" or admission.sent:
         return True  # parked, or ended already (the throttle sends nothing more of it), or sent with the admission
     try:
@@ -334,11 +301,88 @@ def pending(session: Session, *, older_than_s: float = 0.0, limit: int = RELAY_B
     )
 
 
-def relay(broker: dramatiq.Broker, *, older_than_s: float | None = None) -> int:
-    """Send every outbox row older than the grace period (``JOBS_OUTBOX_GRACE_S``): the committing
-    process had that long to send it itself. Returns how many rows were sent."""
-    grace = get_settings().outbox_grace_s if older_than_s is None else older_than_s
+_MARKED = select(Operation.id).where(Operation.status == OperationStatus.RUNNING)
+
+
+def pending_first_steps(session: Session, *, older_than_s: float = 0.0, limit: int = RELAY_BATCH) -> list[str]:
+    """Ids of running operations whose first steps have been marked not yet known sent for longer than
+    ``older_than_s``, longest first (found through the index on status and the mark)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(
+        session.scalars(
+            _MARKED.where(Operation.first_steps_since <= cutoff).order_by(Operation.first_steps_since).limit(limit)
+        )
+    )
+
+
+def _clear_marks(operation_ids: list[str]) -> None:
+    """The first steps of these operations are known sent: their rows need not say otherwise any more."""
+    with session_scope() as session:
+        session.execute(update(Operation).where(Operation.id.in_(operation_ids)).values(first_steps_since=None))
+
+
+def _deliver_first_steps(broker: dramatiq.Broker, operation_id: str) -> Claim | None:
+    """Send a marked operation's first steps, rebuilt from its plan, under its row lock, and clear its mark. What
+    their claim came to (``Claim.TAKEN``: sent here), or None when the operation has ended or is not marked any
+    more, or the send failed (logged, not raised)."""
+    try:
+        with session_scope() as session:
+            row = session.execute(
+                select(Operation.status, Operation.plan, Operation.first_steps_since, Operation.first_steps_delay_ms)
+                .where(Operation.id == operation_id)
+                .with_for_update(skip_locked=True)
+            ).one_or_none()
+            if row is None or row.status != OperationStatus.RUNNING or row.first_steps_since is None:
+                return None  # ended, cleared by another sender, or locked by one right now
+            outgoing = first_steps(row.plan, row.first_steps_delay_ms)
+            scopes = scopes_of(row.plan)
+            outcome = _claim_and_send(operation_id, lambda: _send(broker, operation_id, outgoing, scopes, False))
+            if outcome is not Claim.BUSY:
+                session.execute(update(Operation).where(Operation.id == operation_id).values(first_steps_since=None))
+    except Exception as error:
+        _not_sent_yet_steps(operation_id, error)
+        return None
+    return outcome
+
+
+def _relay_first_steps(broker: dramatiq.Broker, grace_s: float) -> int:
+    """Send the first steps of operations marked past the grace period whose claim is not marked sent (their
+    committing process died between its commit and its send, or the broker was down), and clear the marks of
+    those whose claim is, in one write per batch. Returns how many operations' first steps were sent."""
     sent = 0
+    while True:
+        with read_scope() as session:
+            ids = pending_first_steps(session, older_than_s=grace_s)
+        if not ids:
+            break
+        try:
+            states = claim_states(ids)
+        except Exception as error:  # Redis down: the next pass tries again, and nothing is lost meanwhile
+            logger.warning(
+                "outbox relay: the claims of %d operation(s)' first steps could not be read (%s: %s)",
+                len(ids),
+                type(error).__name__,
+                error,
+            )
+            break
+        known_sent = [operation_id for operation_id, state in zip(ids, states, strict=True) if state is Claim.SENT]
+        if known_sent:
+            _clear_marks(known_sent)
+        unsent = [operation_id for operation_id, state in zip(ids, states, strict=True) if state is None]
+        outcomes = [_deliver_first_steps(broker, operation_id) for operation_id in unsent]
+        sent += outcomes.count(Claim.TAKEN)
+        cleared = len(known_sent) + sum(outcome in (Claim.TAKEN, Claim.SENT) for outcome in outcomes)
+        if len(ids) < RELAY_BATCH or cleared == 0:
+            break
+    return sent
+
+
+def relay(broker: dramatiq.Broker, *, older_than_s: float | None = None) -> int:
+    """Send every outbox row, and every operation's first steps, left unsent past the grace period
+    (``JOBS_OUTBOX_GRACE_S``): the committing process had that long to send them itself. Returns how many
+    rows and operations were sent."""
+    grace = get_settings().outbox_grace_s if older_than_s is None else older_than_s
+    sent = _relay_first_steps(broker, grace)
     while True:
         with read_scope() as session:
             ids = pending(session, older_than_s=grace)

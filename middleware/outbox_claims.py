@@ -1,9 +1,11 @@
-"""Who sends an outbox row: a claim in Redis, taken by whichever sender comes first.
+"""Who sends an outbox row, or an operation's first steps: a claim in Redis, taken by whichever sender comes
+first. The claim of an operation's first steps is named by the operation's id, a row's by the row's.
 
-A row has two possible senders. Its committing process sends it straight after the commit, without a
-database transaction (``outbox.send_committed``); the relay, and ``deliver`` for rows staged outside
-``execute``, send it under the row's lock. Both take the row's claim first (``SET NX``), so one of them
-sends it; the winner then marks the row sent, and whoever finds a row marked sent deletes it unsent.
+An operation's first steps have two possible senders. Its committing process sends them straight after the
+commit, without a database transaction (``outbox.send_first_steps``); the relay sends them under the
+operation's row lock. Both take the claim first (``SET NX``), so one of them sends; the winner then marks the
+claim sent, and whoever finds it marked sent only clears the operation's mark. Rows work the same way, their
+senders being ``deliver`` and the relay, and a row whose claim says sent is deleted unsent.
 
 A claim lapses after ``CLAIM_TTL_MS``: a sender killed between its claim and its mark leaves the row to
 the relay then, which sends it again (the steps' idempotency makes that harmless, as it does for a
@@ -27,6 +29,7 @@ __all__ = [
     "Claim",
     "claim",
     "claim_key",
+    "claim_states",
     "claiming_value",
     "forget",
     "mark_sent",
@@ -37,9 +40,9 @@ __all__ = [
 
 #: How long a claim keeps other senders off a row: far longer than a send takes.
 CLAIM_TTL_MS = 30_000
-#: How long a sent row's mark lasts: it must outlive the row (``sent_rows`` deletes the row within a second
-#: or so, the relay a few seconds after a crash) and any late claim by a committing process that stalled
-#: past the relay's grace period. Deleted with the row when the committing process sent it.
+#: How long a sent mark lasts: it must outlive the row, or the operation's mark (the relay clears them within
+#: seconds of the grace period), and any late claim by a committing process that stalled past the relay's grace
+#: period. An operation's end deletes its claim.
 SENT_TTL_MS = 24 * 3600 * 1000
 
 logger = logging.getLogger(__name__)
@@ -85,6 +88,13 @@ def claim(row_id: str, token: str) -> Claim:
     if client.set(_key(row_id), claiming_value(token), nx=True, px=CLAIM_TTL_MS):
         return Claim.TAKEN
     return Claim.SENT if client.get(_key(row_id)) == _SENT else Claim.BUSY
+
+
+def claim_states(names: list[str]) -> list[Claim | None]:
+    """What the claims named (row or operation ids) stand at, in one round trip: ``Claim.SENT``, ``Claim.BUSY``
+    (being sent), or None (no claim: nobody has sent them, or the claim lapsed)."""
+    values = get_redis().mget([_key(name) for name in names]) if names else []
+    return [None if value is None else Claim.SENT if value == _SENT else Claim.BUSY for value in values]
 
 
 def release(row_id: str, token: str) -> None:

@@ -174,7 +174,7 @@ _LOCK_RUNNING = (
 _SUCCEED = (
     update(_OPERATIONS)
     .where(_OPERATIONS.c.id == bindparam("operation_id"))
-    .values(status=OperationStatus.SUCCEEDED, finished_at=bindparam("finished_at"))
+    .values(status=OperationStatus.SUCCEEDED, finished_at=bindparam("finished_at"), first_steps_since=None)
 )
 _INSERT_STEPS = insert(_STEPS_DONE)
 # The last step's record when no group is above it (see _finish): the update is the check that the operation
@@ -182,7 +182,7 @@ _INSERT_STEPS = insert(_STEPS_DONE)
 _FINISH = (
     update(_OPERATIONS)
     .where(_OPERATIONS.c.id == bindparam("operation_id"), _OPERATIONS.c.status == OperationStatus.RUNNING)
-    .values(status=OperationStatus.SUCCEEDED, finished_at=bindparam("finished_at"))
+    .values(status=OperationStatus.SUCCEEDED, finished_at=bindparam("finished_at"), first_steps_since=None)
     .returning(_OPERATIONS.c.executor, _OPERATIONS.c.created_at)
 )
 _INSERT_NEW_STEPS = {
@@ -426,6 +426,7 @@ def fail_operation(
         return Progress([])
     operation.status = status
     operation.finished_at = utcnow()
+    operation.first_steps_since = None
     operation.failed_step = step_name[:200]
     operation.error_message = error_message
     operation.error_traceback = error_traceback

@@ -28,13 +28,15 @@ from resources.config import get_settings
 from resources.db import session_scope
 from resources.models import OperationStatus
 from resources.quick_statements import quick_reads
-from resources.redis_client import ScriptCall, run_calls
+from resources.redis_client import ScriptCall, get_redis, run_calls
 from resources.sqlite_turns import write_in_background_lane
 
 from .chain import StepChain
 from .context import StepContext, current_step, set_step_context
 from .inflight import find_inflight
 from .outbox import deliver, stage
+from .outbox_claims import claim_key
+from .outbox_claims import forget as forget_claims
 from .plan import OPTION_CALLBACK, OPTION_NODE, OPTION_OPERATION, OPTION_THROTTLE, finishing_alone, next_in_sequence
 from .progress import (
     Progress,
@@ -94,27 +96,32 @@ def end_operation(
 
 
 def _keys_to_forget(broker: dramatiq.Broker, operation_id: str, marks: StepMarks) -> list[str] | None:
-    """An ended operation's marks and in-flight names, when they are all on the marks' server (None if not)."""
+    """An ended operation's marks, in-flight names and first steps' claim, when they are all on the marks' server
+    (None if not)."""
+    if marks.client is not get_redis():
+        return None
     inflight = find_inflight(broker)
     if inflight is None:
-        return marks.keys_of(operation_id)
+        return [*marks.keys_of(operation_id), claim_key(operation_id)]
     if inflight.client is marks.client:
-        return [*marks.keys_of(operation_id), *inflight.keys_of(operation_id)]
+        return [*marks.keys_of(operation_id), claim_key(operation_id), *inflight.keys_of(operation_id)]
     return None
 
 
 def forget_marks(broker: dramatiq.Broker, operation_id: str, marks: StepMarks) -> None:
-    """Drop an ended operation's step marks, sent marks and in-flight names (its steps are in the database by
-    then); best effort, as their expiry removes them anyway."""
+    """Drop an ended operation's step marks, sent marks, in-flight names and first steps' claim (its steps are in
+    the database by then, and its row no longer marks its first steps); best effort, as their expiry removes them
+    anyway."""
     try:
         keys = _keys_to_forget(broker, operation_id, marks)
         if keys is not None:
             marks.client.delete(*keys)
         else:
             inflight = find_inflight(broker)
-            assert inflight is not None
-            inflight.forget(operation_id)
+            if inflight is not None:
+                inflight.forget(operation_id)
             marks.forget(operation_id)
+            forget_claims([operation_id])
     except Exception as error:
         logger.info("operation %s: marks left to expire (%s)", operation_id, error)
 

@@ -7,7 +7,7 @@ import uuid as uuid_module
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 
-from sqlalchemy import JSON, Enum, ForeignKey, Integer, String, Text, func, inspect
+from sqlalchemy import JSON, Enum, ForeignKey, Index, Integer, String, Text, func, inspect
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship, validates
 
 from .errors import UnknownResourceType
@@ -182,7 +182,7 @@ class Operation(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
     executor: Mapped[str] = mapped_column(String(200))
     resource_ref: Mapped[str] = mapped_column(String(100), index=True)
-    status: Mapped[str] = mapped_column(String(20), default=OperationStatus.RUNNING, index=True)
+    status: Mapped[str] = mapped_column(String(20), default=OperationStatus.RUNNING)
     #: The composed work (see middleware.plan): the tree of steps and the parties to call back.
     plan: Mapped[dict[str, Any]] = mapped_column(default=dict)
     #: The step that failed for good, its error and traceback.
@@ -192,6 +192,19 @@ class Operation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: Indexed for the retention job, which deletes ended operations by the age of their end.
     finished_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    #: Set while the operation's first steps are not known to be in the broker: ``execute()`` commits it with the
+    #: row, and the outbox relay sends the first steps again (rebuilt from the plan) once it is older than the grace
+    #: period and their claim is not marked sent. The operation's end, or the relay, clears it.
+    first_steps_since: Mapped[datetime | None] = mapped_column(default=None)
+    #: The first steps' countdown (``execute(countdown=...)``), in ms, for the relay's rebuild.
+    first_steps_delay_ms: Mapped[int | None] = mapped_column(default=None)
+
+    __table_args__ = (
+        # The status first, for every query by status; the mark second, for the relay, which looks for running
+        # operations marked before its cutoff. One index, not two: the record that ends an operation rewrites
+        # this entry anyway (its status changes), and clears the mark in the same write.
+        Index("ix_operations_status_first_steps", "status", "first_steps_since"),
+    )
 
 
 class StepDone(Base):

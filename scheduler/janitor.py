@@ -84,6 +84,8 @@ def is_alive(broker: dramatiq.Broker, operation_id: str | None) -> bool:
     with read_scope() as session:
         if session.scalar(select(OutboxMessage.id).where(OutboxMessage.operation_id == operation_id).limit(1)):
             return True
+        if session.scalar(select(Operation.first_steps_since).where(Operation.id == operation_id)) is not None:
+            return True  # its first steps are not known sent: the relay sends them
     inflight = find_inflight(broker)
     if inflight is not None and _has_a_copy(broker, inflight, operation_id):
         return True

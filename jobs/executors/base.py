@@ -18,7 +18,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, object_session
 
 from middleware import PlanBuilder, ThrottleScope, end_operation, first_steps
-from middleware.outbox import send_committed, stage
+from middleware.outbox import send_first_steps
 from middleware.plan import Node, check_json
 from middleware.throttle import scopes_of
 from resources.after_commit import on_commit
@@ -26,6 +26,7 @@ from resources.db import get_sessionmaker, join_session, session_scope
 from resources.errors import InvalidArgument, JobsError
 from resources.json_columns import EncodedJSON
 from resources.models import Operation, OperationStatus, Resource, new_uuid, utcnow
+from resources.quick_statements import insert_with_next_statement, quick_insert
 
 from .. import queues
 from .inline import run_inline
@@ -226,8 +227,14 @@ class BaseExecutor:
                 # A statement rather than an object: the unit of work's bookkeeping for one row costs more
                 # than the insert, and nothing here reads the operation back as an object.
                 now = utcnow()
-                # Every column given: on PostgreSQL the outbox row rides along in the same statement, which
-                # would not apply the models' Python defaults (see outbox.stage).
+                countdown_ms = int(countdown * 1000) if countdown else None
+                outgoing = first_steps(plan, countdown_ms if is_async else None)
+                scopes = scopes_of(plan)
+                # Marked as not yet sent, with the state change: sent after the commit, and by the relay (rebuilt
+                # from the plan) if this process dies in between or the broker is down (see middleware.outbox).
+                marked = is_async and bool(outgoing)
+                # Every column given: on PostgreSQL the insert then goes with the transaction's next statement, which
+                # would not apply the models' Python defaults.
                 operation_row = {
                     "id": operation_id,
                     "executor": cls.executor_name(),
@@ -239,26 +246,19 @@ class BaseExecutor:
                     "error_traceback": "",
                     "created_at": now,
                     "finished_at": now if finished else None,
+                    "first_steps_since": now if marked else None,
+                    "first_steps_delay_ms": countdown_ms if marked else None,
                 }
-                countdown_ms = int(countdown * 1000) if countdown else None
-                outgoing = first_steps(plan, countdown_ms if is_async else None)
-                scopes = scopes_of(plan)
-                if is_async:
-                    # Written with the state change, sent after the commit; the relay sends it if this process
-                    # dies in between or the broker is down.
-                    along = (_INSERT_OPERATION, operation_row)
-                    outbox_id = stage(session, operation_id, outgoing, throttle_scopes=scopes, along=along)
-                else:
-                    session.execute(_INSERT_OPERATION, operation_row)
-                    outbox_id = None
-            if is_async:
+                if not is_async:
+                    session.execute(_INSERT_OPERATION, operation_row)  # the steps run here, in this transaction
+                elif not insert_with_next_statement(session, _INSERT_OPERATION, operation_row):
+                    quick_insert(session, _INSERT_OPERATION, operation_row)
+            if marked:
                 on_commit(
                     session,
-                    lambda: send_committed(
-                        dramatiq.get_broker(), outbox_id, operation_id, outgoing, throttle_scopes=scopes
-                    ),
+                    lambda: send_first_steps(dramatiq.get_broker(), operation_id, outgoing, throttle_scopes=scopes),
                 )
-            else:
+            elif not is_async:
                 _run_in_transaction(session, operation_id, outgoing, commit_on_failure=own_session)
             if own_session:
                 session.commit()

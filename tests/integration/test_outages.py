@@ -109,7 +109,10 @@ def _where_the_running_operations_are(handles: list) -> str:
         outbox = [(row.operation_id, row.messages) for row in session.scalars(select(OutboxMessage))]
         for operation in running:
             done = session.scalars(select(StepDone.path).where(StepDone.operation_id == operation.id)).all()
-            lines.append(f"running {operation.id} {operation.resource_ref}: done {sorted(done)}")
+            lines.append(
+                f"running {operation.id} {operation.resource_ref}: done {sorted(done)}, first steps marked since "
+                f"{operation.first_steps_since}"
+            )
             lines.append(f"  throttle state {store.state_of(operation.id)}")
     lines.append(f"outbox: {outbox}")
     for scope in store.scopes():
@@ -132,9 +135,14 @@ def _where_the_running_operations_are(handles: list) -> str:
     return "\n".join(lines)
 
 
-def _outbox_rows() -> int:
+def _unsent() -> int:
+    """Outbox rows, and running operations whose first steps are not known sent."""
     with session_scope() as session:
-        return session.scalar(select(func.count()).select_from(OutboxMessage)) or 0
+        rows = session.scalar(select(func.count()).select_from(OutboxMessage)) or 0
+        marked = select(func.count()).where(
+            Operation.status == OperationStatus.RUNNING, Operation.first_steps_since.is_not(None)
+        )
+        return rows + (session.scalar(marked) or 0)
 
 
 #: A service that commits an execute() and is killed before it can send anything.
@@ -146,7 +154,7 @@ _KILLED_AFTER_COMMIT = textwrap.dedent(
     from resources.db import session_scope
     from resources.models import Instance
 
-    base.send_committed = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # dies between commit and send
+    base.send_first_steps = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # dies between commit and send
     with session_scope() as session:
         InstanceCreateExecutor.execute(session.get(Instance, int(sys.argv[1])))
     """
@@ -168,7 +176,7 @@ def test_a_service_killed_right_after_its_commit_loses_no_operation(outage):
         operation = session.scalars(select(Operation).where(Operation.resource_ref == instance.ref)).one()
     assert operation.status == OperationStatus.RUNNING
     assert _state(instance) == State.CREATION_SCHEDULED
-    assert _outbox_rows() == 1
+    assert _unsent() == 1
 
     # When a worker runs
     outage.start_workers()
@@ -176,7 +184,7 @@ def test_a_service_killed_right_after_its_commit_loses_no_operation(outage):
     # Then its outbox relay sends the messages and the operation runs to its end
     wait_for(lambda: _state(instance) == State.OK, timeout_s=60)
     print(f"\nkilled after commit: the operation ended {time.monotonic() - killed_at:.1f} s after the kill")
-    wait_for(lambda: _outbox_rows() == 0, timeout_s=30)
+    wait_for(lambda: _unsent() == 0, timeout_s=30)
 
 
 def test_redis_down_at_execute_commits_and_the_operation_runs_once_redis_is_back(outage):
@@ -188,7 +196,7 @@ def test_redis_down_at_execute_commits_and_the_operation_runs_once_redis_is_back
     # When a service executes: its call returns and its transaction commits
     handle = InstanceCreateExecutor.execute(instance)
     assert handle.status() == OperationStatus.RUNNING
-    assert _outbox_rows() == 1
+    assert _unsent() == 1
 
     # Then once Redis is back the operation runs, once
     outage.redis.start()
@@ -196,7 +204,7 @@ def test_redis_down_at_execute_commits_and_the_operation_runs_once_redis_is_back
     # The resource is OK once its last step has run; the operation ends when that step is recorded, after.
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
     assert SimulatedCloud().creates_made("instance") == 1
-    wait_for(lambda: _outbox_rows() == 0, timeout_s=30)
+    wait_for(lambda: _unsent() == 0, timeout_s=30)
 
 
 def test_redis_killed_and_restarted_under_running_workers_loses_nothing(outage):

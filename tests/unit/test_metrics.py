@@ -127,7 +127,8 @@ def test_a_throttle_hand_off_observes_its_latency_once(stub_broker, stub_worker,
 
 
 def test_the_collector_reads_throttle_outbox_and_operations_at_scrape_time(stub_broker):
-    # Given a scope whose one slot is held with one operation waiting, an old outbox row, a running operation
+    # Given a scope whose one slot is held with one operation waiting, an old outbox row, a running operation whose
+    # first steps are not known sent
     throttle = Throttle()
     scope = ThrottleScope(f"metrics-test:{uuid.uuid4().hex[:8]}", 1)
     assert throttle.store.acquire("op-holding", [scope], start=True).status == "granted"
@@ -136,7 +137,8 @@ def test_the_collector_reads_throttle_outbox_and_operations_at_scrape_time(stub_
         stage(session, "op-stalled", [Outgoing(Message("default", "x", (), {}, {}))])
         session.flush()
         session.execute(update(OutboxMessage).values(created_at=utcnow() - timedelta(seconds=30)))
-        session.add(Operation(executor="MetricsProbe", resource_ref="instance:x", plan={}))
+        marked_at = utcnow() - timedelta(seconds=10)
+        session.add(Operation(executor="MetricsProbe", resource_ref="instance:x", plan={}, first_steps_since=marked_at))
 
     # When Prometheus scrapes
     families = list(JobsCollector(throttle).collect())
@@ -145,7 +147,7 @@ def test_the_collector_reads_throttle_outbox_and_operations_at_scrape_time(stub_
     assert samples(families, "jobs_throttle_holders")[(scope.key,)] == 1
     assert samples(families, "jobs_throttle_waiters")[(scope.key,)] == 1
     assert samples(families, "jobs_throttle_limit")[(scope.key,)] == 1
-    assert samples(families, "jobs_outbox_backlog") == {(): 1}
+    assert samples(families, "jobs_outbox_backlog") == {(): 2}
     assert 29 <= samples(families, "jobs_outbox_oldest_age_seconds")[()] < 120
     assert samples(families, "jobs_operations_running")[("MetricsProbe",)] == 1
     assert samples(families, "jobs_metrics_source_up") == {("redis",): 1, ("database",): 1}
