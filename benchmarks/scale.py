@@ -16,11 +16,12 @@ after that waits. Two paths build the backlog:
   own backlog. A hand-off is ``ThrottleStore.release`` plus ``Throttle.send`` of the next waiter's first
   step to a Dramatiq ``RedisBroker`` on the same server. This is the body of ``Throttle.release``, split so
   that every hand-off can be checked to go to the head of the line.
-- ``executor_path`` (the levels that fit ``--budget``): ``NoopExecutor.execute()`` with its rows in the
-  database, its outbox and its throttle binding, one committed transaction per operation, as an API request
-  makes. A hand-off is ``OperationHandle.cancel()`` of a holder: its row, its outbox row, the release and the
-  send. Every submit and every hand-off commits to the database, so this path is bound by it (milliseconds,
-  not microseconds); it shows whether the full producer path stays flat. It runs after the store path, on
+- ``executor_path`` (the levels that fit ``--budget``): ``NoopExecutor.execute()`` with its row in the
+  database (its first steps marked not yet sent) and its throttle binding, one committed transaction per
+  operation, as an API request makes. A hand-off is ``OperationHandle.cancel()`` of a holder: its row, its
+  outbox row (the failure callbacks and the release), the release and the send. Every submit and every
+  hand-off commits to the database, so this path is bound by it (milliseconds, not microseconds); it shows
+  whether the full producer path stays flat. It runs after the store path, on
   an embedded Redis of its own, one level at a time on fresh tenants, with ``--executor-sample`` pairs. A
   level whose projected time (from the cost of its holders' executes) would overrun the budget is skipped.
 
@@ -266,9 +267,9 @@ def build_result(
         },
         "executor_path": {
             "what": (
-                "NoopExecutor.execute() of a detached instance (own transaction: operation row, outbox, "
-                "Throttle.submit after commit); hand-off = OperationHandle.cancel() of a holder; levels one "
-                "after the other on fresh tenants"
+                "NoopExecutor.execute() of a detached instance (own transaction: the operation's row, its first "
+                "steps marked; Throttle.submit after commit); hand-off = OperationHandle.cancel() of a holder; "
+                "levels one after the other on fresh tenants"
             ),
             "sample": options.executor_sample,
             "levels": list(executor_levels),
