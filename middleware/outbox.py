@@ -121,18 +121,18 @@ def _not_sent_yet(row_id: str, operation_id: str, error: Exception) -> None:
     )
 
 
-def _claim_and_send(row_id: str, send: Callable[[], None]) -> Claim:
-    """Send the row if this sender gets its claim, then mark it sent; a failed send gives the claim up, so
-    that the relay need not wait for it to lapse."""
+def _claim_and_send(name: str, send: Callable[[], None]) -> Claim:
+    """Send if this sender gets the claim ``name`` (a row's id, or an operation's for its first steps), then mark
+    it sent; a failed send gives the claim up, so that the relay need not wait for it to lapse."""
     token = new_token()
-    outcome = claim(row_id, token)
+    outcome = claim(name, token)
     if outcome is Claim.TAKEN:
         try:
             send()
         except Exception:
-            release(row_id, token)
+            release(name, token)
             raise
-        mark_sent(row_id)
+        mark_sent(name)
     return outcome
 
 

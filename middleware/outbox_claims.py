@@ -119,12 +119,12 @@ def mark_sent(row_id: str) -> None:
     get_redis().set(_key(row_id), _SENT, px=SENT_TTL_MS)
 
 
-def forget(row_ids: list[str]) -> None:
-    """Drop the marks of rows that are deleted, and that no late sender can claim any more. A failure is
-    harmless (the marks expire on their own), so it is logged, not raised."""
-    if not row_ids:
+def forget(names: list[str]) -> None:
+    """Drop the claims of rows that are deleted, or of operations that have ended, which no late sender can claim
+    any more. A failure is harmless (the claims expire on their own), so it is logged, not raised."""
+    if not names:
         return
     try:
-        get_redis().delete(*map(_key, row_ids))
+        get_redis().delete(*map(_key, names))
     except redis.RedisError as error:
-        logger.info("could not drop the marks of %d deleted outbox row(s): %s", len(row_ids), error)
+        logger.info("could not drop %d outbox claim(s): %s", len(names), error)

@@ -361,7 +361,7 @@ class OperationTransitions(Middleware):
 
     def _still_to_record(self, operation_id: str, path: str, marked_at: datetime) -> bool:
         """After marking a delivered step at ``marked_at``: does its operation still run, without a record of the
-        step other than of that mark? A copy of the step delivered twice (a resent outbox row) may have run beside
+        step other than of that mark? A copy of the step delivered twice (first steps sent again) may have run beside
         this one, finished first, been recorded in the database, and even ended the operation, its marks then
         dropped. But a sibling step finishing meanwhile records every mark it finds, this one's too, and that
         record is this completion's own. A chained step needs no such read: it follows the one record of its

@@ -5,7 +5,7 @@
 -- Returns JSON [status, fence, handoffs]; status: granted | held | parked | done.
 -- ARGV 10-12 (optional): a guard key, its value and its expiry in ms, set (NX) before anything else: when the
 -- key is already set, nothing changes and the reply is ["guarded", 0, {}, the key's value]. (The producer's
--- claim on the outbox row whose first steps these are: see outbox.send_committed.)
+-- claim on the first steps these are: see outbox.send_first_steps.)
 -- ARGV 13 (optional): a key set (for a minute) when a "submit" grants: the calls that follow this script in
 -- its round trip, the send of the first steps, check it to run only then (see ThrottleStore.acquire's "then").
 if ARGV[10] and ARGV[10] ~= '' then
