@@ -315,10 +315,9 @@ def pending_first_steps(session: Session, *, older_than_s: float = 0.0, limit: i
     )
 
 
-def _clear_marks(operation_ids: list[str]) -> None:
+def _clear_marks(session: Session, operation_ids: list[str]) -> None:
     """The first steps of these operations are known sent: their rows need not say otherwise any more."""
-    with session_scope() as session:
-        session.execute(update(Operation).where(Operation.id.in_(operation_ids)).values(first_steps_since=None))
+    session.execute(update(Operation).where(Operation.id.in_(operation_ids)).values(first_steps_since=None))
 
 
 def _deliver_first_steps(broker: dramatiq.Broker, operation_id: str) -> Claim | None:
@@ -338,7 +337,7 @@ def _deliver_first_steps(broker: dramatiq.Broker, operation_id: str) -> Claim | 
             scopes = scopes_of(row.plan)
             outcome = _claim_and_send(operation_id, lambda: _send(broker, operation_id, outgoing, scopes, False))
             if outcome is not Claim.BUSY:
-                session.execute(update(Operation).where(Operation.id == operation_id).values(first_steps_since=None))
+                _clear_marks(session, [operation_id])
     except Exception as error:
         _not_sent_yet_steps(operation_id, error)
         return None
@@ -367,7 +366,8 @@ def _relay_first_steps(broker: dramatiq.Broker, grace_s: float) -> int:
             break
         known_sent = [operation_id for operation_id, state in zip(ids, states, strict=True) if state is Claim.SENT]
         if known_sent:
-            _clear_marks(known_sent)
+            with session_scope() as session:
+                _clear_marks(session, known_sent)
         unsent = [operation_id for operation_id, state in zip(ids, states, strict=True) if state is None]
         outcomes = [_deliver_first_steps(broker, operation_id) for operation_id in unsent]
         sent += outcomes.count(Claim.TAKEN)
