@@ -539,7 +539,10 @@ def test_a_step_whose_mark_a_sibling_recorded_before_its_check_goes_on(stub_brok
 
     def sibling_recorded_the_marks(self: Any, operation_id: str, path: str, *args: Any) -> Any:
         with one_sibling, session_scope() as session:
-            recorded = done_paths(operation_id)
+            # As every recorder of steps does, the operation's row locked first (on SQLite, the write lock taken):
+            # the branch recording its own steps meanwhile cannot slip in between this read and these inserts.
+            session.execute(select(Operation.id).where(Operation.id == operation_id).with_for_update())
+            recorded = set(session.scalars(select(StepDone.path).where(StepDone.operation_id == operation_id)))
             for marked, at in StepMarks().paths(operation_id).items():
                 if marked not in recorded:
                     session.add(StepDone(operation_id=operation_id, path=marked, done_at=at))
