@@ -47,6 +47,7 @@ from dramatiq.middleware import Middleware
 from redis.commands.core import Script
 
 from middleware.heartbeat import Heartbeat
+from middleware.message_proxy import FieldsProxy
 from middleware.plan import OPTION_OPERATION
 from middleware.transitions import end_operation
 from resources.config import get_settings
@@ -357,7 +358,7 @@ class JobsRedisConsumer(_RedisConsumer):
             # __next__ returns; the waits here end by then.
             self._due[message.message_id] = eta
         self.broker.handed_out(self.queue_name, message.options["redis_message_id"])
-        return MessageProxy(message)
+        return FieldsProxy(message)
 
     def _wait_s(self) -> float:
         """How long a wait may last: the worker's timeout, or until the earliest delayed message is due."""

@@ -37,6 +37,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import q_name
 from dramatiq.middleware import SkipMessage
 
+from .message_proxy import FieldsProxy
 from .plan import OPTION_NODE, ancestors, node_at
 from .progress import Progress
 
@@ -168,7 +169,7 @@ class StepChain:
         try:
             while following is not None:
                 state.following, state.current_id = None, following.message_id
-                process_here(broker, MessageProxy(following))
+                process_here(broker, FieldsProxy(following))
                 following = state.following
         finally:
             state.running, state.current_id, state.following = False, None, None

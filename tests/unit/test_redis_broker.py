@@ -31,6 +31,7 @@ from jobs.redis_broker import (
     malformed_reason,
     preview,
 )
+from middleware.message_proxy import FieldsProxy
 from resources.models import Instance, Operation
 from tests.fixtures import make_instance, make_tenant, wait_for
 
@@ -291,6 +292,15 @@ def test_delayed_messages_are_checked_against_their_delay_queue(broker):
     # When the delay queue's consumer reads it, it is handed out as is
     handed_out = _drain(broker.consume(f"{QUEUE}.DQ", prefetch=4, timeout=5), broker)
     assert [m.message_id for m in handed_out] == [delayed.message_id]
+
+
+def test_messages_are_handed_out_as_fields_proxies(broker):
+    # Given a valid message in the queue
+    sent = broker.enqueue(_valid())
+    # When the consumer hands it out, its fields are the proxy's own attributes (see middleware.message_proxy)
+    handed_out = _drain(broker.consume(QUEUE, prefetch=4, timeout=5), broker)
+    assert [type(m) for m in handed_out] == [FieldsProxy]
+    assert handed_out[0].message_id == sent.message_id and "options" in vars(handed_out[0])
 
 
 def test_identical_bad_bodies_each_go_to_the_dead_letter_queue(broker):
