@@ -10,12 +10,17 @@ methods, attributes a subclass adds) is still read through the message.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from dramatiq import Message
 from dramatiq.broker import MessageProxy
 
 __all__ = ["FieldsProxy"]
+
+#: A Message's fields, by name: read one by one rather than as the message's ``__dict__``, which a dataclass with
+#: slots would not have.
+_FIELDS = tuple(field.name for field in dataclasses.fields(Message))
 
 
 class FieldsProxy(MessageProxy):
@@ -24,4 +29,6 @@ class FieldsProxy(MessageProxy):
     def __init__(self, message: Message[Any]) -> None:
         super().__init__(message)
         # The proxy's own attributes (failed, _message, _exception) are none of a message's field names.
-        self.__dict__.update(message.__dict__)
+        own = self.__dict__
+        for name in _FIELDS:
+            own[name] = getattr(message, name)
