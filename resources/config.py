@@ -38,6 +38,8 @@ DEFAULT_DATA_DIR = ".jobs-data"
 T = TypeVar("T", int, float)
 #: Values of JOBS_LOG_FORMAT: lines for people, or one JSON object a line for log shippers.
 LOG_FORMATS = ("text", "json")
+#: Values of JOBS_LOG_LEVEL, the least severe level a process writes (unset: the command's own default).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 #: How long a resource may sit in a transitional state, counted from when its operation started,
 #: before the janitor moves it to ERRED -- and only once nothing is queued, running or parked for that
@@ -125,6 +127,8 @@ class Settings:
     stuck_after_s: dict[State, float] = field(default_factory=lambda: dict(DEFAULT_STUCK_AFTER_S))
     #: How every process writes its log lines, one of LOG_FORMATS (see resources.logs).
     log_format: str = "text"
+    #: The least severe level every process writes, one of LOG_LEVELS; None leaves each command's own.
+    log_level: str | None = None
     #: BROKER_URL: an amqp:// URL makes RabbitMQ the message broker; None keeps the Redis broker. The
     #: throttle, locks, de-duplication and the scheduler's lease stay in Redis either way.
     amqp_url: str | None = None
@@ -198,6 +202,12 @@ def log_format_from_env() -> str:
     """JOBS_LOG_FORMAT, checked. Logging is set up before anything needs the other settings (whose errors
     should be logged, not raised by the set-up), so it reads this one alone."""
     return _env_choice("JOBS_LOG_FORMAT", "text", LOG_FORMATS)
+
+
+def log_level_from_env() -> str | None:
+    """JOBS_LOG_LEVEL, checked (lower case), or None when unset; read alone, as JOBS_LOG_FORMAT is."""
+    level = _env_choice("JOBS_LOG_LEVEL", "", LOG_LEVELS)
+    return level or None
 
 
 def normalise_database_url(url: str) -> str:
@@ -374,6 +384,7 @@ def _read_settings() -> Settings:
             for state in sorted(TRANSITIONAL_STATES)
         },
         log_format=log_format_from_env(),
+        log_level=log_level_from_env(),
         amqp_url=amqp_url,
     )
     if settings.throttle_heartbeat_s >= settings.throttle_lease_s:

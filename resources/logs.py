@@ -1,4 +1,5 @@
-"""Log lines that say which step wrote them, as text or as JSON (``JOBS_LOG_FORMAT``).
+"""Log lines that say which step wrote them, as text or as JSON (``JOBS_LOG_FORMAT``), from the level
+``JOBS_LOG_LEVEL`` sets.
 
 While a worker thread processes a message, ``middleware.log_context`` keeps the message's operation,
 resource, throttle scopes, actor and id in a ContextVar here. A filter on the root logger's handlers copies
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
-from .config import log_format_from_env
+from .config import log_format_from_env, log_level_from_env
 
 __all__ = [
     "CONTEXT_FIELDS",
@@ -168,29 +169,39 @@ def _formatter_for(current: logging.Formatter | None, log_format: str) -> loggin
 
 
 def install_log_format(log_format: str | None = None) -> None:
-    """Give every root handler the context filter and the ``JOBS_LOG_FORMAT`` formatter; idempotent.
+    """Give every root handler the context filter and the ``JOBS_LOG_FORMAT`` formatter, and the root logger the
+    ``JOBS_LOG_LEVEL`` level when it is set; idempotent.
 
     Handlers with the standard formatter (``logging.basicConfig``'s, the dramatiq CLI's) or ours are
     re-formatted; a handler whose formatter is of another class only gets the filter. Adds no handler:
     modules that worker processes import call this, and a process that set up no logging keeps none.
     """
     log_format = log_format or log_format_from_env()
+    level = log_level_from_env()
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, LogContextFilter) for f in handler.filters):
             handler.addFilter(LogContextFilter())
         formatter = _formatter_for(handler.formatter, log_format)
         if formatter is not None:
             handler.setFormatter(formatter)
+    if level is not None:
+        # The dramatiq CLI logs from INFO (DEBUG with -v), and Dramatiq has no setting for it: on a busy worker
+        # the line each operation's end writes is a cost, and a log drain's bill.
+        logging.getLogger().setLevel(level.upper())
 
 
-def configure_logging(level: int | None = None) -> None:
-    """For command lines: a stderr handler on the root logger unless it has one, ``level`` on the root
-    logger if given, then :func:`install_log_format`. Idempotent; raises ConfigurationError for a bad
-    ``JOBS_LOG_FORMAT`` before changing anything."""
+def configure_logging(default_level: int | None = None, *, level: int | None = None) -> None:
+    """For command lines: a stderr handler on the root logger unless it has one, then :func:`install_log_format`.
+    The root logger's level is ``level`` if given (a command's ``--verbose``), else ``JOBS_LOG_LEVEL`` if set,
+    else ``default_level`` if given. Idempotent; raises ConfigurationError for a bad ``JOBS_LOG_FORMAT`` or
+    ``JOBS_LOG_LEVEL`` before changing anything."""
     log_format = log_format_from_env()
+    from_env = log_level_from_env()
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(_StderrHandler())
+    install_log_format(log_format)
     if level is not None:
         root.setLevel(level)
-    install_log_format(log_format)
+    elif from_env is None and default_level is not None:
+        root.setLevel(default_level)

@@ -69,7 +69,7 @@ def run(modules: tuple[str, ...], verbose: bool) -> None:
 
     Start as many as you like: one leads, the others take over within JOBS_SCHEDULER_LEASE_S of its
     death, and on SIGTERM the leader hands over at once."""
-    configure_logging(level=logging.DEBUG if verbose else logging.INFO)
+    configure_logging(logging.INFO, level=logging.DEBUG if verbose else None)
     scheduler = _build(modules)
     # Fail at start on a Redis that cannot be reached; the loop rides out later outages (logs, tries again).
     scheduler.lease.client.ping()

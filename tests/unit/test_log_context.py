@@ -1,4 +1,5 @@
-"""Every log line of a step names its operation, resource and throttle scope; JOBS_LOG_FORMAT=json."""
+"""Every log line of a step names its operation, resource and throttle scope; JOBS_LOG_FORMAT=json;
+JOBS_LOG_LEVEL."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from jobs.executors import InstanceCreateExecutor
 from jobs.processes import start_worker
 from middleware import LogContext
 from resources.backends import SimulatedCloud, SimulatedConfig
-from resources.config import get_settings, log_format_from_env
+from resources.config import get_settings, log_format_from_env, log_level_from_env
 from resources.errors import ConfigurationError
 from resources.logs import (
     CONTEXT_FIELDS,
@@ -32,6 +33,7 @@ from resources.logs import (
     ContextTextFormatter,
     LogContextFilter,
     LogFields,
+    configure_logging,
     current_log_fields,
     install_log_format,
     set_log_fields,
@@ -354,3 +356,89 @@ def test_a_dramatiq_worker_process_writes_json_lines(monkeypatch, tmp_path):
     for line in log_path.read_text().splitlines():
         if "[dramatiq.MainProcess]" not in line:
             json.loads(line)
+
+
+@pytest.fixture
+def root_level() -> Iterator[logging.Logger]:
+    """The root logger, its level put back afterwards."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        yield root
+    finally:
+        root.setLevel(level)
+
+
+def test_the_log_level_is_the_root_loggers_when_set_and_left_alone_when_not(monkeypatch, root_level):
+    # Given a root logger at INFO, as the dramatiq CLI sets it
+    root_level.setLevel(logging.INFO)
+
+    # When the format is installed without JOBS_LOG_LEVEL, Then the level stays
+    monkeypatch.delenv("JOBS_LOG_LEVEL", raising=False)
+    install_log_format()
+    assert root_level.level == logging.INFO
+    assert get_settings().log_level is None
+
+    # When it is installed with JOBS_LOG_LEVEL=Warning, Then the root logger writes from WARNING
+    monkeypatch.setenv("JOBS_LOG_LEVEL", " Warning ")
+    install_log_format()
+    assert root_level.level == logging.WARNING
+    assert get_settings().log_level == "warning"
+
+
+def test_a_commands_verbose_flag_beats_the_log_level_which_beats_its_default(monkeypatch, root_level):
+    monkeypatch.setenv("JOBS_LOG_LEVEL", "error")
+    configure_logging(logging.INFO)
+    assert root_level.level == logging.ERROR
+    configure_logging(logging.INFO, level=logging.DEBUG)
+    assert root_level.level == logging.DEBUG
+    monkeypatch.delenv("JOBS_LOG_LEVEL")
+    configure_logging(logging.INFO)
+    assert root_level.level == logging.INFO
+
+
+@pytest.mark.parametrize("value", ["verbose", "warn", "10"])
+def test_an_unknown_log_level_is_a_clear_error(monkeypatch, root_level, value):
+    monkeypatch.setenv("JOBS_LOG_LEVEL", value)
+    root_level.setLevel(logging.INFO)
+    expected = rf"JOBS_LOG_LEVEL='{value}' is not one of debug, info, warning, error, critical"
+    for read in (log_level_from_env, get_settings, install_log_format, configure_logging):
+        with pytest.raises(ConfigurationError, match=expected):
+            read()
+    assert root_level.level == logging.INFO  # nothing changed
+    # ... and a command stops with it, not with a traceback
+    result = CliRunner().invoke(jobs_cli, ["migrate"])
+    assert result.exit_code == 1
+    assert f"JOBS_LOG_LEVEL='{value}' is not one of debug, info, warning, error, critical" in result.output
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_dramatiq_worker_process_at_warning_writes_no_info_line(monkeypatch, tmp_path):
+    # Given a real worker process (dramatiq CLI) started with JOBS_LOG_LEVEL=warning, on a namespace of its own
+    monkeypatch.setenv("JOBS_NAMESPACE", f"{os.environ['JOBS_NAMESPACE']}-level-{uuid.uuid4().hex[:6]}")
+    monkeypatch.setenv("DATABASE_URL", SQLITE_INTEGRATION_URL)
+    monkeypatch.delenv("JOBS_BROKER")
+    reset_database()
+    cloud = SimulatedCloud()
+    cloud.configure(SimulatedConfig(build_ms=0))
+    log_path = tmp_path / "worker.log"
+    worker = start_worker("worker", queues=["default"], threads=2, env={"JOBS_LOG_LEVEL": "warning"}, log_path=log_path)
+    previous = dramatiq.get_broker()
+    dramatiq.set_broker(build_broker())
+    try:
+        # When it runs an operation to its end
+        handle = InstanceCreateExecutor.execute(make_instance(make_tenant(), volumes=0))
+        wait_for(lambda: handle.status() != "running", timeout_s=30)
+    finally:
+        worker.stop()
+        dramatiq.set_broker(previous)
+        cloud.reset()
+
+    # Then it succeeded, and the worker processes wrote none of the INFO lines they write by default (the
+    # operation's end, Dramatiq's start-up and shut-down); the dramatiq master, which never imports the project,
+    # still wrote its own
+    assert handle.status() == "succeeded"
+    lines = log_path.read_text().splitlines()
+    assert any("[dramatiq.MainProcess]" in line for line in lines)
+    assert [line for line in lines if "[INFO]" in line and "[dramatiq.MainProcess]" not in line] == []
