@@ -15,13 +15,15 @@ Every variant runs the same work on the same number of worker processes and thre
   database, its throttle scope's limit above the number of operations (present, never binding);
 - ``celery``: a ``chain`` of five no-op tasks, Redis as the broker, no result backend.
 
-The last step of each operation adds one to a counter in Redis. The variants take turns round by round (round 1:
-plain, executors, Celery; round 2: executors, Celery, plain; ...), so that a slow spell of the machine falls on
-all of them rather than on the one running through it. Each round of a variant starts its worker processes,
-warms them up with a batch, then enqueues ``--operations`` operations from this process and waits until the
-counter reaches that number (for the executors, also until the database says every operation succeeded), and
-stops the workers. ops/s is operations over that time, enqueueing included; a variant's figure is the median of
-its rounds.
+No variant writes a log line per operation: Celery's workers run at ``--loglevel WARNING`` (its default; at INFO it
+writes two lines per task), the executors' at ``JOBS_LOG_LEVEL=warning`` (at the dramatiq CLI's INFO they write one
+per operation), and plain Dramatiq writes none at INFO. The last step of each operation adds one to a counter in
+Redis. The variants take turns round by round (round 1: plain, executors, Celery; round 2: executors, Celery,
+plain; ...), so that a slow spell of the machine falls on all of them rather than on the one running through it.
+Each round of a variant starts its worker processes, warms them up with a batch, then enqueues ``--operations``
+operations from this process and waits until the counter reaches that number (for the executors, also until the
+database says every operation succeeded), and stops the workers. ops/s is operations over that time, enqueueing
+included; a variant's figure is the median of its rounds.
 
 With REDIS_URL set it uses that server; otherwise it starts a private embedded Redis. SQLite is a file in
 a temporary directory; PostgreSQL is a database created for the run and dropped at its end. Every worker
@@ -440,6 +442,10 @@ class PlainDramatiq(Variant):
             pipeline(messages, broker=broker).run()
 
 
+#: The executors' worker processes log from WARNING, as Celery's do (see the module's docstring).
+EXECUTORS_WORKER_ENV = {"JOBS_LOG_LEVEL": "warning"}
+
+
 class Executors(Variant):
     name = "executors"
 
@@ -461,7 +467,9 @@ class Executors(Variant):
         import benchmarks.noop  # noqa: F401 - the project's broker in this process too, as a service has it
         from jobs import queues
 
-        env = {PROFILE_ENV: str(self.profile_directory)} if self.options.profile else {}
+        env = dict(EXECUTORS_WORKER_ENV)
+        if self.options.profile:
+            env[PROFILE_ENV] = str(self.profile_directory)
         worker = start_worker(
             self.name,
             queues=[queues.DEFAULT],

@@ -7,9 +7,11 @@ import cProfile
 import json
 import pstats
 import time
+from contextlib import ExitStack
 
 import pytest
 
+from benchmarks import throughput
 from benchmarks.cpu import CpuReading, machine_cpu_s
 from benchmarks.throttle import Environment
 from benchmarks.throughput import (
@@ -127,6 +129,19 @@ def test_each_round_logs_to_files_of_its_own_and_a_variant_reads_only_its_own(tm
         "celery-round-2-1.log",
         "celery-round-2-2.log",
     ]
+
+
+def test_the_executors_workers_log_from_warning_as_celerys_do(tmp_path, monkeypatch):
+    # Given the executors' variant, with the worker start captured
+    environment = Environment(directory=tmp_path, namespace="n", redis="embedded", database="sqlite")
+    executors = Executors(environment, Options())
+    started: list[dict] = []
+    monkeypatch.setattr(throughput, "start_worker", lambda name, **kwargs: started.append(kwargs))
+    monkeypatch.setattr(Executors, "_keep", lambda self, stack, worker: None)
+
+    # When its workers start, Then they log from WARNING (no line per operation), as Celery's workers do
+    executors.start(ExitStack())
+    assert started[0]["env"]["JOBS_LOG_LEVEL"] == "warning"
 
 
 def test_ratio_is_rounded_and_none_without_both_figures():
