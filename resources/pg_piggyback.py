@@ -163,7 +163,11 @@ class PiggybackDialect(PGDialect_psycopg):
 
     def do_rollback(self, dbapi_connection: Any) -> None:
         _control(dbapi_connection).owed.clear()
-        _driver_connection(dbapi_connection).rollback()  # likewise
+        driver = _driver_connection(dbapi_connection)
+        # psycopg's rollback would find the same and send nothing, but behind its lock and its wait loop: the pool
+        # rolls back every connection it gets back (most often idle: an autocommitted statement, a commit).
+        if driver.info.transaction_status != _IDLE:
+            driver.rollback()
 
     def do_savepoint(self, connection: Any, name: str) -> None:
         _control(connection).owed.append(b"SAVEPOINT " + self._savepoint_name(name))

@@ -234,3 +234,30 @@ def test_a_rollback_drops_a_deferred_write(engine: Engine) -> None:
         connection.rollback()
     assert trips.count() == 2  # the read, and the ROLLBACK alone
     assert _ids(engine) == []
+
+
+def test_a_connection_returned_idle_is_not_rolled_back_by_psycopg(engine: Engine, monkeypatch) -> None:
+    # Given psycopg's rollback counted
+    rollbacks: list[object] = []
+    original = psycopg.Connection.rollback
+
+    def counted(self: psycopg.Connection) -> None:
+        rollbacks.append(self)
+        original(self)
+
+    monkeypatch.setattr(psycopg.Connection, "rollback", counted)
+
+    # When a committed transaction's connection and an autocommitted one go back to the pool (which resets them)
+    with engine.begin() as connection:
+        connection.execute(insert(_ROWS), {"id": 1})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(insert(_ROWS), {"id": 2})
+    # Then psycopg was not asked to roll either back: the server had no transaction open
+    assert rollbacks == []
+
+    # ... while a connection returned inside a transaction is
+    connection = engine.connect()
+    connection.execute(insert(_ROWS), {"id": 3})
+    connection.close()
+    assert len(rollbacks) == 1
+    assert _ids(engine) == [1, 2]
