@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from redis.commands.core import Script
 
 from resources.config import get_settings
-from resources.redis_client import ScriptCall, run_calls
+from resources.redis_client import ScriptCall, pipelined, run_calls
 
 from .redis_state import LazyRedis
 
@@ -86,7 +86,11 @@ class StepMarks(LazyRedis):
 
     def paths(self, operation_id: str) -> dict[str, datetime]:
         """The operation's marked steps, with the time (naive UTC, as the models store it) each completed."""
-        marks = self.client.hgetall(self._key(operation_id))
+        # In a round trip of the project's client, not as a command of redis-py's: once per delivered step.
+        (reply,) = pipelined(self.client, [("HGETALL", self._key(operation_id))])
+        if isinstance(reply, Exception):
+            raise reply
+        marks = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
         return {path: completed_at(float(value.split(" ", 1)[0])) for path, value in marks.items()}
 
     def stop_chains(self, operation_id: str) -> None:

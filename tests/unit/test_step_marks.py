@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 
+import redis
+
 from middleware.step_marks import MARKS_TTL_S, StepMarks
-from resources.redis_client import get_redis
+from resources.redis_client import ThreadConnections, get_redis
 
 
 def test_marked_steps_are_read_back_with_their_completion_times() -> None:
@@ -79,3 +81,26 @@ def test_the_same_marker_marking_again_is_accepted() -> None:
     # Then the retry goes on, and the other copy is refused
     assert again is True
     assert other is False
+
+
+def test_marks_are_read_in_a_round_trip_of_the_projects_client_or_on_any_other(monkeypatch) -> None:
+    # Given an operation with a marked step
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0")
+    expected = marks.paths(operation_id)
+    assert set(expected) == {"0"}
+
+    # When its marks are read on the project's client with redis-py's command path refused, Then they are the same
+    def refused(self: object, *args: object, **options: object) -> None:
+        raise AssertionError(f"read through redis-py's command path: {args}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ThreadConnections, "execute_command", refused)
+        assert marks.paths(operation_id) == expected
+        assert marks.paths(uuid.uuid4().hex) == {}
+
+    # ... and on a plain redis-py client too (its reply a dict, not a list of pairs)
+    plain = redis.Redis(connection_pool=get_redis().connection_pool)
+    elsewhere = StepMarks()
+    elsewhere._client = plain
+    assert elsewhere.paths(operation_id) == expected
