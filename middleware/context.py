@@ -38,6 +38,11 @@ class StepContext:
             callback=options.get(OPTION_CALLBACK),
         )
 
+    def with_fence(self, throttle_fence: int | None) -> StepContext:
+        """This context with the throttle's grant number: ``dataclasses.replace``'s result, built without its
+        look at the fields (twice per step, before each step runs)."""
+        return StepContext(self.operation_id, self.node, self.resource_ref, self.attempt, self.callback, throttle_fence)
+
 
 _CURRENT: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("current_step", default=None)
 

@@ -9,7 +9,6 @@ be retried (Dramatiq has no "failed for good" hook; Callbacks' ``on_failure`` fi
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import logging
 import time
 import traceback
@@ -173,10 +172,10 @@ class OperationTransitions(Middleware):
             # Its operation holds the slot of the step that started the chain: that step's message, still
             # unacknowledged, keeps it (a queued step's slot does not expire), and the record of the step
             # before this one stopped the chain if a cancel released it.
-            set_step_context(dataclasses.replace(context, throttle_fence=self.chain.fence))
+            set_step_context(context.with_fence(self.chain.fence))
         elif self.throttle is not None:
             fence = self.throttle.before_step(broker, message)
-            set_step_context(dataclasses.replace(context, throttle_fence=fence))
+            set_step_context(context.with_fence(fence))
 
     def _check(self, operation_id: str, path: str) -> StepCheck:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 
@@ -128,3 +129,9 @@ def test_a_create_runs_once(database):
         claim_for_operation(session, instance.ref, new_uuid(), expected=State.CREATION_SCHEDULED)
     with pytest.raises(TransitionNotAllowed, match="already belongs to operation"), session_scope() as session:
         claim_for_operation(session, instance.ref, new_uuid(), expected=State.CREATION_SCHEDULED)
+
+
+def test_a_step_context_with_a_fence_keeps_every_other_field():
+    context = StepContext("op", "0.1", "instance:x", 2, callback="failure")
+    assert context.with_fence(7) == dataclasses.replace(context, throttle_fence=7)
+    assert context.with_fence(7).with_fence(None) == context
