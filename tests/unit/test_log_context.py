@@ -10,7 +10,9 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 
 import dramatiq
 import pytest
@@ -313,21 +315,33 @@ def test_the_log_format_defaults_to_text(monkeypatch):
     assert get_settings().log_format == "json"
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(60)
-def test_a_dramatiq_worker_process_writes_json_lines(monkeypatch, tmp_path):
-    # Given a real worker process (dramatiq CLI) started with JOBS_LOG_FORMAT=json, on a namespace of its own
+@contextmanager
+def worker_process_with(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, log_path: Path) -> Iterator[None]:
+    """A real worker process (dramatiq CLI) started with ``env``, writing to ``log_path``, on a namespace of its own and
+    the integration SQLite database; stopped when the block ends."""
     monkeypatch.setenv("JOBS_NAMESPACE", f"{os.environ['JOBS_NAMESPACE']}-logs-{uuid.uuid4().hex[:6]}")
     monkeypatch.setenv("DATABASE_URL", SQLITE_INTEGRATION_URL)
     monkeypatch.delenv("JOBS_BROKER")
     reset_database()
     cloud = SimulatedCloud()
     cloud.configure(SimulatedConfig(build_ms=0))
-    log_path = tmp_path / "worker.log"
-    worker = start_worker("worker", queues=["default"], threads=2, env={"JOBS_LOG_FORMAT": "json"}, log_path=log_path)
+    worker = start_worker("worker", queues=["default"], threads=2, env=env, log_path=log_path)
     previous = dramatiq.get_broker()
     dramatiq.set_broker(build_broker())
     try:
+        yield
+    finally:
+        worker.stop()
+        dramatiq.set_broker(previous)
+        cloud.reset()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_dramatiq_worker_process_writes_json_lines(monkeypatch, tmp_path):
+    # Given a real worker process (dramatiq CLI) started with JOBS_LOG_FORMAT=json
+    log_path = tmp_path / "worker.log"
+    with worker_process_with({"JOBS_LOG_FORMAT": "json"}, monkeypatch, log_path):
         # When it runs an operation
         instance = make_instance(make_tenant(), volumes=0)
         handle = InstanceCreateExecutor.execute(instance)
@@ -347,10 +361,6 @@ def test_a_dramatiq_worker_process_writes_json_lines(monkeypatch, tmp_path):
         lines = log_path.read_text().splitlines()
         ready = [json.loads(line) for line in lines if "Worker process is ready" in line]
         assert ready and ready[0]["operation_id"] is None
-    finally:
-        worker.stop()
-        dramatiq.set_broker(previous)
-        cloud.reset()
     # ... every line of the worker processes is JSON; only the dramatiq master, which never imports the
     # project, writes its few lines of its own in text
     for line in log_path.read_text().splitlines():
@@ -415,25 +425,12 @@ def test_an_unknown_log_level_is_a_clear_error(monkeypatch, root_level, value):
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_a_dramatiq_worker_process_at_warning_writes_no_info_line(monkeypatch, tmp_path):
-    # Given a real worker process (dramatiq CLI) started with JOBS_LOG_LEVEL=warning, on a namespace of its own
-    monkeypatch.setenv("JOBS_NAMESPACE", f"{os.environ['JOBS_NAMESPACE']}-level-{uuid.uuid4().hex[:6]}")
-    monkeypatch.setenv("DATABASE_URL", SQLITE_INTEGRATION_URL)
-    monkeypatch.delenv("JOBS_BROKER")
-    reset_database()
-    cloud = SimulatedCloud()
-    cloud.configure(SimulatedConfig(build_ms=0))
+    # Given a real worker process (dramatiq CLI) started with JOBS_LOG_LEVEL=warning
     log_path = tmp_path / "worker.log"
-    worker = start_worker("worker", queues=["default"], threads=2, env={"JOBS_LOG_LEVEL": "warning"}, log_path=log_path)
-    previous = dramatiq.get_broker()
-    dramatiq.set_broker(build_broker())
-    try:
+    with worker_process_with({"JOBS_LOG_LEVEL": "warning"}, monkeypatch, log_path):
         # When it runs an operation to its end
         handle = InstanceCreateExecutor.execute(make_instance(make_tenant(), volumes=0))
         wait_for(lambda: handle.status() != "running", timeout_s=30)
-    finally:
-        worker.stop()
-        dramatiq.set_broker(previous)
-        cloud.reset()
 
     # Then it succeeded, and the worker processes wrote none of the INFO lines they write by default (the
     # operation's end, Dramatiq's start-up and shut-down); the dramatiq master, which never imports the project,
