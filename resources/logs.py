@@ -176,8 +176,11 @@ def install_log_format(log_format: str | None = None) -> None:
     re-formatted; a handler whose formatter is of another class only gets the filter. Adds no handler:
     modules that worker processes import call this, and a process that set up no logging keeps none.
     """
-    log_format = log_format or log_format_from_env()
-    level = log_level_from_env()
+    _install(log_format or log_format_from_env(), log_level_from_env())
+
+
+def _install(log_format: str, level: str | None) -> None:
+    """``install_log_format`` with both variables already read."""
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, LogContextFilter) for f in handler.filters):
             handler.addFilter(LogContextFilter())
@@ -200,7 +203,7 @@ def configure_logging(default_level: int | None = None, *, level: int | None = N
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(_StderrHandler())
-    install_log_format(log_format)
+    _install(log_format, from_env)
     if level is not None:
         root.setLevel(level)
     elif from_env is None and default_level is not None:
