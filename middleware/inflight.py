@@ -129,6 +129,11 @@ class InFlight(LazyRedis, Middleware):
             pipe.expire(key, SET_TTL_S)
             pipe.execute()
 
+    def names_key(self, operation_id: str) -> str:
+        """The set of the operation's copies' names. It holds a copy's name while a worker runs the copy, and the
+        operation's end drops it (``forget_marks``): a step under way finds it gone once its operation has ended."""
+        return self._key(operation_id)
+
     def sent_key(self, operation_id: str) -> str:
         """Where ``mark_sent`` records the operation's sent messages."""
         return f"{self._key(operation_id)}:sent"

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.commands.core import Script
 
@@ -34,17 +35,25 @@ __all__ = ["MARKS_TTL_S", "StepMarks", "completed_at"]
 #: Longer than the longest delay Dramatiq allows (7 days): marks outlive the message that may act on them.
 MARKS_TTL_S = 8 * 24 * 3600
 
-# Mark a step done ("<completion time> <marker>" as the value), unless the operation's chains were stopped or
-# another marker marked the step already (two copies of it ran side by side: only the first to finish goes
-# on). The same marker marking again is accepted: its first call may have lost its reply.
+# Mark a step done ("<completion time> <marker>" as the value), unless the operation's chains were stopped, its
+# in-flight set is gone (KEYS[3], when given: the operation has ended, see ``record``) or another marker marked
+# the step already (two copies of it ran side by side: only the first to finish goes on). The same marker marking
+# again is accepted: its first call may have lost its reply. ARGV[5] = "read": the reply is the outcome and the
+# operation's marks, for the caller that reads them next.
 _RECORD = """
-if redis.call('exists', KEYS[2]) == 1 then return 0 end
-if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3]) == 0 then
-  local current = redis.call('hget', KEYS[1], ARGV[1])
-  if string.match(current, ' (%S+)$') ~= ARGV[3] then return 0 end
+local function mark()
+  if redis.call('exists', KEYS[2]) == 1 then return 0 end
+  if KEYS[3] and redis.call('exists', KEYS[3]) == 0 then return 0 end
+  if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3]) == 0 then
+    local current = redis.call('hget', KEYS[1], ARGV[1])
+    if string.match(current, ' (%S+)$') ~= ARGV[3] then return 0 end
+  end
+  redis.call('expire', KEYS[1], ARGV[4])
+  return 1
 end
-redis.call('expire', KEYS[1], ARGV[4])
-return 1
+local marked = mark()
+if ARGV[5] == 'read' then return {marked, redis.call('hgetall', KEYS[1])} end
+return marked
 """
 
 
@@ -68,21 +77,49 @@ class StepMarks(LazyRedis):
         at: float | None = None,
         *,
         along: Sequence[ScriptCall] = (),
+        alive_key: str | None = None,
     ) -> bool:
         """Mark step ``path`` done (at ``at``, seconds since the epoch; now by default); False, marking nothing,
         once the operation's chains were stopped or when another ``marker`` (a name for this completion of the
         step: the same on a retry of the call, another for each copy of the step) marked it already. The caller
         then records the step in the database, which finds it ended or done and starts nothing. ``along``: calls
-        to make first, in the same round trip (see ``run_calls``), whatever the mark comes to."""
+        to make first, in the same round trip (see ``run_calls``), whatever the mark comes to.
+
+        ``alive_key``: a key that exists for as long as the operation runs and is dropped, on the marks' server and
+        with its marks, once it has ended (its in-flight set, see ``middleware.inflight``); no mark without it. A
+        mark made with it then tells the caller, with no read of the database, that no other copy of the step
+        completed: that copy would have marked it first (``record_and_read``), or ended the operation, its marks
+        and this key then dropped together."""
+        (marked,) = self._run(operation_id, path, marker, at, along=along, alive_key=alive_key)[-1:]
+        return bool(marked)
+
+    def record_and_read(
+        self, operation_id: str, path: str, marker: str | None = None, at: float | None = None
+    ) -> tuple[bool, dict[str, datetime]]:
+        """``record``, for a completion recorded in the database next, and the operation's marks (its own mark
+        with them), in one round trip. Marked first, so that another copy of the step, finishing later, finds the
+        step taken and goes no further: it may be one that would otherwise run the step's successor itself."""
+        ((marked, reply),) = self._run(operation_id, path, marker, at, read=True)[-1:]
+        return bool(marked), _marks_of(reply)
+
+    def _run(
+        self,
+        operation_id: str,
+        path: str,
+        marker: str | None,
+        at: float | None,
+        *,
+        along: Sequence[ScriptCall] = (),
+        alive_key: str | None = None,
+        read: bool = False,
+    ) -> list[Any]:
         if self._record_script is None:
             self._record_script = self.client.register_script(_RECORD)
         key = self._key(operation_id)
         when = time.time() if at is None else at
-        mark = ScriptCall(
-            self._record_script, (key, f"{key}:stopped"), (path, repr(when), marker or uuid.uuid4().hex, MARKS_TTL_S)
-        )
-        *_, marked = run_calls(self.client, [*along, mark])
-        return bool(marked)
+        keys = (key, f"{key}:stopped", *((alive_key,) if alive_key else ()))
+        args = (path, repr(when), marker or uuid.uuid4().hex, MARKS_TTL_S, "read" if read else "")
+        return run_calls(self.client, [*along, ScriptCall(self._record_script, keys, args)])
 
     def paths(self, operation_id: str) -> dict[str, datetime]:
         """The operation's marked steps, with the time (naive UTC, as the models store it) each completed."""
@@ -90,8 +127,7 @@ class StepMarks(LazyRedis):
         (reply,) = pipelined(self.client, [("HGETALL", self._key(operation_id))])
         if isinstance(reply, Exception):
             raise reply
-        marks = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
-        return {path: completed_at(float(value.split(" ", 1)[0])) for path, value in marks.items()}
+        return _marks_of(reply)
 
     def stop_chains(self, operation_id: str) -> None:
         """Refuse every later mark of the operation: its running chains stop before their next step. Kept
@@ -110,6 +146,12 @@ class StepMarks(LazyRedis):
     def forget(self, operation_id: str) -> None:
         """The operation has ended and its marks are in the database: drop them (they would expire anyway)."""
         self.client.delete(*self.keys_of(operation_id))
+
+
+def _marks_of(reply: Any) -> dict[str, datetime]:
+    """A marks hash as HGETALL returns it (a dict, or a flat list from a script) → path → completion time."""
+    marks = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+    return {path: completed_at(float(value.split(" ", 1)[0])) for path, value in marks.items()}
 
 
 def completed_at(at: float) -> datetime:

@@ -328,8 +328,14 @@ class OperationTransitions(Middleware):
         # finds it ended or done and starts nothing.
         marker, at = mark
         along = [queued] if queued is not None else []
-        if chained_next is not None and self.marks.record(operation_id, path, marker, at, along=along):
-            if self.chain.is_chained(message) or self._still_to_record(operation_id, path, completed_at(at)):
+        delivered = not self.chain.is_chained(message)
+        alive_key = self._alive_key(broker, operation_id) if delivered else None
+        if chained_next is not None and self.marks.record(
+            operation_id, path, marker, at, along=along, alive_key=alive_key
+        ):
+            # A delivered step marked while its operation's in-flight set was there needs no read: see
+            # StepMarks.record. Without that set on the marks' server, the database says.
+            if not delivered or alive_key is not None or self._still_to_record(operation_id, path, completed_at(at)):
                 known = self._marks_known(message)
                 return *chained_next, None if known is None else {**known, path: completed_at(at)}
             self.marks.unmark(operation_id, path)
@@ -339,7 +345,14 @@ class OperationTransitions(Middleware):
         # The last step of a sequence with no group above it knows its operation's marks; any other step reads
         # them, as marks of its siblings may have come since its check.
         known = self._marks_known(message) if plan is not None and _finishes_alone(plan, path) else None
-        marked = self.marks.paths(operation_id) if known is None else known
+        if delivered and chained_next is None and plan is not None and next_in_sequence(plan["root"], path):
+            # Another copy of this step could run its successor itself, marking the step with no read of the
+            # database: marked here first, that copy finds it taken. This completion is recorded below.
+            took, marked = self.marks.record_and_read(operation_id, path, marker, at)
+            if took:
+                del marked[path]
+        else:
+            marked = self.marks.paths(operation_id) if known is None else known
         # The last step of an operation on PostgreSQL: one statement, committed on its own (not with sessions a
         # caller gave, which may join or watch a transaction).
         progress = finish_without_session(operation_id, path, marked, plan) if self.sessions is session_scope else None
@@ -347,6 +360,14 @@ class OperationTransitions(Middleware):
             with self.sessions() as session:
                 progress = complete_step(session, operation_id, path, marked, plan=plan)
         return progress, self.chain.successor(broker, message, progress), None
+
+    def _alive_key(self, broker: dramatiq.Broker, operation_id: str) -> str | None:
+        """The operation's in-flight set when it is on the marks' server (its end then drops the two together, or
+        the set first; see ``forget_marks``), for ``StepMarks.record``; None otherwise."""
+        inflight = find_inflight(broker)
+        if inflight is None or inflight.client is not self.marks.client:
+            return None
+        return inflight.names_key(operation_id)
 
     def _lease_queued(self, queued: ScriptCall | None) -> None:
         """Make the throttle's call of ``Throttle.after_step`` on its own (its failure is logged: the slot stays
@@ -359,7 +380,8 @@ class OperationTransitions(Middleware):
             logger.warning("could not mark a step's lease queued (%s: %s)", type(error).__name__, error)
 
     def _still_to_record(self, operation_id: str, path: str, marked_at: datetime) -> bool:
-        """After marking a delivered step at ``marked_at``: does its operation still run, without a record of the
+        """After marking a delivered step at ``marked_at`` without its operation's in-flight set on the marks' server
+        (with it, the mark says so; see ``StepMarks.record``): does its operation still run, without a record of the
         step other than of that mark? A copy of the step delivered twice (first steps sent again) may have run beside
         this one, finished first, been recorded in the database, and even ended the operation, its marks then
         dropped. But a sibling step finishing meanwhile records every mark it finds, this one's too, and that

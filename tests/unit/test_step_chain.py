@@ -35,6 +35,8 @@ ran_lock = threading.Lock()
 blipped: set[str] = set()
 #: Whether the first copy of a "twin" step has started.
 twin_started = [False]
+#: Set once the second completion of a "twin_recorded" step has been handled.
+late_copy_handled = threading.Event()
 #: What the database and Redis's marks had recorded of its operation when a "look" step ran.
 seen_done: list[set[str]] = []
 #: What the database alone had recorded then.
@@ -63,6 +65,17 @@ def chain_probe(label: str, behaviour: str = "") -> None:
         if waits:
             operation_id = current_step().operation_id or ""
             wait_for(lambda: operation_status(operation_id) != OperationStatus.RUNNING, timeout_s=30)
+    elif behaviour == "twin_recorded":
+        # Two copies of this step run side by side: the one that started first finishes only once the other's
+        # completion is in the database.
+        with ran_lock:
+            waits, twin_started[0] = not twin_started[0], True
+        if waits:
+            operation_id = current_step().operation_id or ""
+            wait_for(lambda: "0" in done_paths(operation_id), timeout_s=30)
+    elif behaviour == "hold":
+        # Runs on once the late copy of the first step has been handled (see twin_recorded).
+        assert late_copy_handled.wait(timeout=30)
     elif behaviour == "blip" and label not in blipped:
         blipped.add(label)
         raise sql_errors.OperationalError("UPDATE ...", {}, Exception("database is locked"))
@@ -121,6 +134,7 @@ def enqueues(stub_broker: Any) -> Any:
     fences.clear()
     blipped.clear()
     twin_started[0] = False
+    late_copy_handled.clear()
     seen_done.clear()
     seen_in_database.clear()
     counter = CountEnqueues()
@@ -340,7 +354,16 @@ def test_a_redelivered_step_sends_the_first_step_its_chain_did_not_record(stub_b
     assert {"0", "1", "2", "3", "4", ""} <= done_paths(handle.id)
 
 
-def test_a_copy_of_a_step_finishing_after_its_operation_ended_starts_nothing(stub_broker, enqueues, request):
+@pytest.fixture(params=["in-flight set", "database"])
+def ended_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How a delivered step that marked itself learns that its operation still runs: its in-flight set is there
+    on the marks' server, or (without that set there) the database says."""
+    if request.param == "database":
+        monkeypatch.setattr(OperationTransitions, "_alive_key", lambda self, broker, operation_id: None)
+    return request.param
+
+
+def test_a_copy_of_a_step_finishing_after_its_operation_ended_starts_nothing(stub_broker, enqueues, request, ended_by):
     # Given two copies of an operation's first step in the queue (its outbox row sent twice: a sender killed
     # between its send and its mark), the first to start finishing only after the other ran the operation
     instance = make_instance(make_tenant(), volumes=0)
@@ -360,10 +383,72 @@ def test_a_copy_of_a_step_finishing_after_its_operation_ended_starts_nothing(stu
     assert StepMarks().paths(handle.id) == {}
 
 
+def test_a_copy_finishing_after_another_was_recorded_without_chaining_starts_nothing(
+    stub_broker, enqueues, request, ended_by, monkeypatch
+):
+    # Given two copies of an operation's first step in the queue, the first to start finishing only once the
+    # other's completion is in the database, that other not running the next step itself (its chain budget
+    # spent, say) but sending it, and the operation still running when the late copy finishes
+    real_chained_next, real_record = OperationTransitions._chained_next, OperationTransitions._record_success
+    completions = []
+
+    def first_completion_unchained(self: Any, broker: Any, message: Message[Any], path: str) -> Any:
+        completions.append(path)
+        return None if path == "0" and completions.count("0") == 1 else real_chained_next(self, broker, message, path)
+
+    def noting_the_late_copy(
+        self: Any, broker: Any, message: Message[Any], operation_id: str, path: str, *a: Any
+    ) -> Any:
+        try:
+            return real_record(self, broker, message, operation_id, path, *a)
+        finally:
+            if path == "0" and completions.count("0") == 2:
+                late_copy_handled.set()
+
+    monkeypatch.setattr(OperationTransitions, "_chained_next", first_completion_unchained)
+    monkeypatch.setattr(OperationTransitions, "_record_success", noting_the_late_copy)
+    handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=["twin_recorded", "hold", ""])
+    first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
+    stub_broker.queues[queues.DEFAULT].task_done()
+    stub_broker.enqueue(first)
+    stub_broker.enqueue(first)
+
+    # When both run
+    request.getfixturevalue("stub_worker")
+    drain(stub_broker)
+
+    # Then the late copy found the step taken and started nothing: the steps after it ran once
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert late_copy_handled.is_set()
+    assert sorted(labels()) == ["s0", "s0", "s1", "s2"]
+
+
+def test_a_delivered_step_marked_while_its_operation_runs_goes_on_without_a_read(
+    stub_broker, enqueues, stub_worker, monkeypatch
+):
+    # Given a count of the database reads a delivered step makes after its mark
+    reads = []
+    real = OperationTransitions._still_to_record
+    monkeypatch.setattr(
+        OperationTransitions, "_still_to_record", lambda self, *args: reads.append(args) or real(self, *args)
+    )
+
+    # When a three-step sequence runs
+    handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=[""] * 3)
+    drain(stub_broker)
+
+    # Then its first step's mark, made while the operation's in-flight set was there, was enough: no read
+    assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
+    assert labels() == ["s0", "s1", "s2"]
+    assert reads == []
+
+
 def test_a_database_blip_after_a_step_was_marked_is_retried_and_the_chain_goes_on(
     stub_broker, enqueues, stub_worker, monkeypatch
 ):
-    # Given a database that fails once when the first step, just marked, confirms its operation still runs
+    # Given a database that fails once when the first step, just marked, confirms its operation still runs (as
+    # it does without the operation's in-flight set on the marks' server)
+    monkeypatch.setattr(OperationTransitions, "_alive_key", lambda self, broker, operation_id: None)
     blip = fail_once(sql_errors.OperationalError("SELECT ...", {}, Exception("database is locked")))
     monkeypatch.setattr(OperationTransitions, "_still_to_record", blip(OperationTransitions._still_to_record))
 
@@ -533,7 +618,9 @@ def test_chained_steps_inside_a_group_ask_the_throttle(stub_broker, enqueues, ad
 
 def test_a_step_whose_mark_a_sibling_recorded_before_its_check_goes_on(stub_broker, enqueues, stub_worker, monkeypatch):
     # Given a group of two sequences, and a sibling step's completion that records the operation's marks in the
-    # database (as complete_step does) just after each branch's first step marked itself, before its check
+    # database (as complete_step does) just after each branch's first step marked itself, before its check (made
+    # without the operation's in-flight set on the marks' server)
+    monkeypatch.setattr(OperationTransitions, "_alive_key", lambda self, broker, operation_id: None)
     real = OperationTransitions._still_to_record
     one_sibling = threading.Lock()  # the two branches' checks may come together: one writes the records at a time
 

@@ -83,6 +83,43 @@ def test_the_same_marker_marking_again_is_accepted() -> None:
     assert other is False
 
 
+def test_a_mark_made_with_an_alive_key_is_refused_once_that_key_is_gone() -> None:
+    # Given an operation whose in-flight set (the key that lives as long as it runs) is there, then dropped
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    alive = f"test-alive:{operation_id}"
+    get_redis().sadd(alive, "a copy")
+    try:
+        assert marks.record(operation_id, "0", alive_key=alive)
+    finally:
+        get_redis().delete(alive)
+
+    # When a step of it is marked once the key is gone (the operation ended and its keys were dropped)
+    accepted = marks.record(operation_id, "1", alive_key=alive)
+
+    # Then that mark is refused and nothing is marked for it
+    assert accepted is False
+    assert set(marks.paths(operation_id)) == {"0"}
+    marks.forget(operation_id)
+
+
+def test_a_mark_made_before_a_database_record_reads_the_marks_in_its_round_trip() -> None:
+    # Given an operation with one step marked
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0")
+
+    # When the next step is marked and the marks read in one call, twice by one marker and once by another
+    took, marked = marks.record_and_read(operation_id, "1", "first", 1_700_000_000.0)
+    again, _ = marks.record_and_read(operation_id, "1", "first", 1_700_000_000.0)
+    other, seen_by_other = marks.record_and_read(operation_id, "1", "second")
+
+    # Then the first marker took the step (again on its retry) and read both marks; the other was refused and read
+    # the first marker's mark
+    assert (took, again, other) == (True, True, False)
+    assert set(marked) == {"0", "1"} and marked["1"] == seen_by_other["1"]
+    assert marked == marks.paths(operation_id)
+    marks.forget(operation_id)
+
+
 def test_marks_are_read_in_a_round_trip_of_the_projects_client_or_on_any_other(monkeypatch) -> None:
     # Given an operation with a marked step
     marks, operation_id = StepMarks(), uuid.uuid4().hex
