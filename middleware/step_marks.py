@@ -35,11 +35,14 @@ __all__ = ["MARKS_TTL_S", "StepMarks", "completed_at"]
 #: Longer than the longest delay Dramatiq allows (7 days): marks outlive the message that may act on them.
 MARKS_TTL_S = 8 * 24 * 3600
 
-# Mark a step done ("<completion time> <marker>" as the value), unless the operation's chains were stopped, its
-# in-flight set is gone (KEYS[3], when given: the operation has ended, see ``record``) or another marker marked
-# the step already (two copies of it ran side by side: only the first to finish goes on). The same marker marking
-# again is accepted: its first call may have lost its reply. ARGV[5] = "read": the reply is the outcome and the
-# operation's marks, for the caller that reads them next.
+#: In place of a completion time: a step taken by a completion recorded in the database (``take``).
+_TAKEN = "-"
+
+# Mark a step done ("<completion time> <marker>" as the value; "- <marker>" takes it), unless the operation's
+# chains were stopped, its in-flight set is gone (KEYS[3], when given: the operation has ended, see ``record``) or
+# another marker marked or took the step already (two copies of it ran side by side: only the first to finish goes
+# on). The same marker marking again is accepted: its first call may have lost its reply. ARGV[5] = "read": the
+# reply is the outcome and the operation's marks, for the caller that reads them next.
 _RECORD = """
 local function mark()
   if redis.call('exists', KEYS[2]) == 1 then return 0 end
@@ -88,18 +91,19 @@ class StepMarks(LazyRedis):
         ``alive_key``: a key that exists for as long as the operation runs and is dropped, on the marks' server and
         with its marks, once it has ended (its in-flight set, see ``middleware.inflight``); no mark without it. A
         mark made with it then tells the caller, with no read of the database, that no other copy of the step
-        completed: that copy would have marked it first (``record_and_read``), or ended the operation, its marks
+        completed: that copy would have marked it first (``take``), or ended the operation, its marks
         and this key then dropped together."""
         (marked,) = self._run(operation_id, path, marker, at, along=along, alive_key=alive_key)[-1:]
         return bool(marked)
 
-    def record_and_read(
-        self, operation_id: str, path: str, marker: str | None = None, at: float | None = None
-    ) -> tuple[bool, dict[str, datetime]]:
-        """``record``, for a completion recorded in the database next, and the operation's marks (its own mark
-        with them), in one round trip. Marked first, so that another copy of the step, finishing later, finds the
-        step taken and goes no further: it may be one that would otherwise run the step's successor itself."""
-        ((marked, reply),) = self._run(operation_id, path, marker, at, read=True)[-1:]
+    def take(self, operation_id: str, path: str, marker: str) -> tuple[bool, dict[str, datetime]]:
+        """Take step ``path`` for a completion recorded in the database next, and read the operation's marks, in one
+        round trip: False when another ``marker`` holds the step (a mark, or a take). Taken first, so that another
+        copy of the step, finishing later, finds the step taken and goes no further: it may be one that would
+        otherwise run the step's successor itself. A take is no mark: the marks read leave it out, so that no
+        other step's record writes it to the database for it (this completion's record does, and finds out there
+        whether another copy's record came first)."""
+        ((marked, reply),) = self._run(operation_id, path, marker, None, taken=True)[-1:]
         return bool(marked), _marks_of(reply)
 
     def _run(
@@ -111,14 +115,14 @@ class StepMarks(LazyRedis):
         *,
         along: Sequence[ScriptCall] = (),
         alive_key: str | None = None,
-        read: bool = False,
+        taken: bool = False,
     ) -> list[Any]:
         if self._record_script is None:
             self._record_script = self.client.register_script(_RECORD)
         key = self._key(operation_id)
-        when = time.time() if at is None else at
+        when = _TAKEN if taken else repr(time.time() if at is None else at)
         keys = (key, f"{key}:stopped", *((alive_key,) if alive_key else ()))
-        args = (path, repr(when), marker or uuid.uuid4().hex, MARKS_TTL_S, "read" if read else "")
+        args = (path, when, marker or uuid.uuid4().hex, MARKS_TTL_S, "read" if taken else "")
         return run_calls(self.client, [*along, ScriptCall(self._record_script, keys, args)])
 
     def paths(self, operation_id: str) -> dict[str, datetime]:
@@ -151,7 +155,8 @@ class StepMarks(LazyRedis):
 def _marks_of(reply: Any) -> dict[str, datetime]:
     """A marks hash as HGETALL returns it (a dict, or a flat list from a script) → path → completion time."""
     marks = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
-    return {path: completed_at(float(value.split(" ", 1)[0])) for path, value in marks.items()}
+    times = {path: value.split(" ", 1)[0] for path, value in marks.items()}
+    return {path: completed_at(float(when)) for path, when in times.items() if when != _TAKEN}
 
 
 def completed_at(at: float) -> datetime:

@@ -347,10 +347,9 @@ class OperationTransitions(Middleware):
         known = self._marks_known(message) if plan is not None and _finishes_alone(plan, path) else None
         if delivered and chained_next is None and plan is not None and next_in_sequence(plan["root"], path):
             # Another copy of this step could run its successor itself, marking the step with no read of the
-            # database: marked here first, that copy finds it taken. This completion is recorded below.
-            took, marked = self.marks.record_and_read(operation_id, path, marker, at)
-            if took:
-                del marked[path]
+            # database: taken here first, that copy finds it taken. Taken or not, this completion is recorded below,
+            # where a record of another copy, made first, makes it a duplicate.
+            _took, marked = self.marks.take(operation_id, path, marker)
         else:
             marked = self.marks.paths(operation_id) if known is None else known
         # The last step of an operation on PostgreSQL: one statement, committed on its own (not with sessions a

@@ -102,21 +102,36 @@ def test_a_mark_made_with_an_alive_key_is_refused_once_that_key_is_gone() -> Non
     marks.forget(operation_id)
 
 
-def test_a_mark_made_before_a_database_record_reads_the_marks_in_its_round_trip() -> None:
+def test_a_step_taken_for_a_database_record_refuses_other_marks_and_is_no_mark_itself() -> None:
     # Given an operation with one step marked
     marks, operation_id = StepMarks(), uuid.uuid4().hex
     assert marks.record(operation_id, "0")
 
-    # When the next step is marked and the marks read in one call, twice by one marker and once by another
-    took, marked = marks.record_and_read(operation_id, "1", "first", 1_700_000_000.0)
-    again, _ = marks.record_and_read(operation_id, "1", "first", 1_700_000_000.0)
-    other, seen_by_other = marks.record_and_read(operation_id, "1", "second")
+    # When the next step is taken (its completion is recorded in the database next), twice by one completion (a
+    # retry) and once by another copy; and another copy then tries to mark it
+    took, marked = marks.take(operation_id, "1", "first")
+    again, _ = marks.take(operation_id, "1", "first")
+    other, seen_by_other = marks.take(operation_id, "1", "second")
+    chained = marks.record(operation_id, "1", "third")
 
-    # Then the first marker took the step (again on its retry) and read both marks; the other was refused and read
-    # the first marker's mark
-    assert (took, again, other) == (True, True, False)
-    assert set(marked) == {"0", "1"} and marked["1"] == seen_by_other["1"]
-    assert marked == marks.paths(operation_id)
+    # Then the first completion took it (again on its retry) and the others were refused; every read, its own too,
+    # has the marked step only: a take is not a record for any other step's record to write down
+    assert (took, again, other, chained) == (True, True, False, False)
+    assert set(marked) == set(seen_by_other) == set(marks.paths(operation_id)) == {"0"}
+    marks.forget(operation_id)
+
+
+def test_a_step_marked_already_cannot_be_taken() -> None:
+    # Given a step one copy marked (its successor runs next)
+    marks, operation_id = StepMarks(), uuid.uuid4().hex
+    assert marks.record(operation_id, "0", "chained")
+
+    # When another copy, whose successor is sent, takes it
+    took, marked = marks.take(operation_id, "0", "sent")
+
+    # Then it is refused, and reads the mark that makes its completion a duplicate
+    assert took is False
+    assert set(marked) == {"0"}
     marks.forget(operation_id)
 
 
