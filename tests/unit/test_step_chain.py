@@ -363,19 +363,23 @@ def ended_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return request.param
 
 
-def test_a_copy_of_a_step_finishing_after_its_operation_ended_starts_nothing(stub_broker, enqueues, request, ended_by):
-    # Given two copies of an operation's first step in the queue (its outbox row sent twice: a sender killed
-    # between its send and its mark), the first to start finishing only after the other ran the operation
-    instance = make_instance(make_tenant(), volumes=0)
-    handle = SequenceExecutor.execute(instance, behaviours=["twin", "", ""])
+def run_two_copies_of_the_first_step(stub_broker: Any, request: pytest.FixtureRequest, behaviours: list[str]) -> Any:
+    """Start a sequence whose first message is in the queue twice (its outbox row sent twice: a sender killed between
+    its send and its mark), then run it on a worker; its handle."""
+    handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=behaviours)
     first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
     stub_broker.queues[queues.DEFAULT].task_done()
     stub_broker.enqueue(first)
     stub_broker.enqueue(first)
-
-    # When both run
     request.getfixturevalue("stub_worker")
     drain(stub_broker)
+    return handle
+
+
+def test_a_copy_of_a_step_finishing_after_its_operation_ended_starts_nothing(stub_broker, enqueues, request, ended_by):
+    # Given two copies of an operation's first step in the queue, the first to start finishing only after the other
+    # ran the operation; when both run
+    handle = run_two_copies_of_the_first_step(stub_broker, request, ["twin", "", ""])
 
     # Then the late copy's completion started nothing: the steps after it ran once, and no mark is left
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
@@ -388,7 +392,7 @@ def test_a_copy_finishing_after_another_was_recorded_without_chaining_starts_not
 ):
     # Given two copies of an operation's first step in the queue, the first to start finishing only once the
     # other's completion is in the database, that other not running the next step itself (its chain budget
-    # spent, say) but sending it, and the operation still running when the late copy finishes
+    # spent, say) but sending it, and the operation still running when the late copy finishes; when both run
     real_chained_next, real_record = OperationTransitions._chained_next, OperationTransitions._record_success
     completions = []
 
@@ -407,15 +411,7 @@ def test_a_copy_finishing_after_another_was_recorded_without_chaining_starts_not
 
     monkeypatch.setattr(OperationTransitions, "_chained_next", first_completion_unchained)
     monkeypatch.setattr(OperationTransitions, "_record_success", noting_the_late_copy)
-    handle = SequenceExecutor.execute(make_instance(make_tenant(), volumes=0), behaviours=["twin_recorded", "hold", ""])
-    first = Message.decode(stub_broker.queues[queues.DEFAULT].get_nowait())
-    stub_broker.queues[queues.DEFAULT].task_done()
-    stub_broker.enqueue(first)
-    stub_broker.enqueue(first)
-
-    # When both run
-    request.getfixturevalue("stub_worker")
-    drain(stub_broker)
+    handle = run_two_copies_of_the_first_step(stub_broker, request, ["twin_recorded", "hold", ""])
 
     # Then the late copy found the step taken and started nothing: the steps after it ran once
     assert handle.wait(timeout=30).status == OperationStatus.SUCCEEDED
