@@ -13,6 +13,11 @@ janitor) first stops its chains (``stop_chains``): a mark is then refused, in th
 make it, so the chain records its step in the database instead, where it finds the operation ended and goes
 no further. The stop is written before the operation's end is committed, so no chain can miss it; one whose
 end was then rolled back only stops chaining (its next step goes through the broker).
+
+Two copies of one delivered step may run side by side (first steps sent twice). Only the first to finish goes on:
+a mark refuses another copy's mark, and a copy recorded in the database (its successor sent, not run) first takes
+the step (``take``), which refuses the others' marks too. A delivered step's mark is also refused once its
+operation's in-flight set is gone, which its end drops: a copy that finishes after the end starts nothing.
 """
 
 from __future__ import annotations
@@ -84,15 +89,15 @@ class StepMarks(LazyRedis):
     ) -> bool:
         """Mark step ``path`` done (at ``at``, seconds since the epoch; now by default); False, marking nothing,
         once the operation's chains were stopped or when another ``marker`` (a name for this completion of the
-        step: the same on a retry of the call, another for each copy of the step) marked it already. The caller
-        then records the step in the database, which finds it ended or done and starts nothing. ``along``: calls
-        to make first, in the same round trip (see ``run_calls``), whatever the mark comes to.
+        step: the same on a retry of the call, another for each copy of the step) marked or took it already. The
+        caller then records the step in the database, which finds it ended or done and starts nothing. ``along``:
+        calls to make first, in the same round trip (see ``run_calls``), whatever the mark comes to.
 
         ``alive_key``: a key that exists for as long as the operation runs and is dropped, on the marks' server and
         with its marks, once it has ended (its in-flight set, see ``middleware.inflight``); no mark without it. A
         mark made with it then tells the caller, with no read of the database, that no other copy of the step
-        completed: that copy would have marked it first (``take``), or ended the operation, its marks
-        and this key then dropped together."""
+        completed: that copy would have marked or taken it first (``take``), or ended the operation, its marks and
+        this key then dropped together."""
         (marked,) = self._run(operation_id, path, marker, at, along=along, alive_key=alive_key)[-1:]
         return bool(marked)
 
